@@ -1,0 +1,67 @@
+"""Gathering batch statistics across processes (DDP) for terms that need the whole batch.
+
+Marginal entropy and Sinkhorn balance act on a class's images across the *global* batch; with
+``torch.distributed`` each process only sees its shard, so these helpers concatenate the shards.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is initialised with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _check_equal_sizes(tensor: Tensor) -> None:
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    counts = [int(s) for s in sizes]
+    if len(set(counts)) != 1:
+        raise ValueError(
+            "sync_distributed needs the same local batch size on every process (use "
+            f"drop_last=True in the DistributedSampler/DataLoader), but got sizes {counts}."
+        )
+
+
+def gather_with_grad(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` from all processes along dim 0, keeping the local part's gradient.
+
+    Args:
+        tensor: ``(local_batch, ...)``, the same shape on every process.
+
+    Returns:
+        ``(world_size * local_batch, ...)`` in rank order; ``tensor`` itself when not distributed.
+
+    Examples:
+        >>> gather_with_grad(torch.ones(2, 3)).shape  # single process: unchanged
+        torch.Size([2, 3])
+    """
+    if not is_distributed():
+        return tensor
+    _check_equal_sizes(tensor)
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor), dim=0)
+
+
+def gather_no_grad(tensor: Tensor) -> Tensor:
+    """Like :func:`gather_with_grad` for tensors that need no gradient (labels, detached scores)."""
+    if not is_distributed():
+        return tensor
+    _check_equal_sizes(tensor)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def local_slice(gathered: Tensor, local_batch: int) -> Tensor:
+    """The rows of this process in a tensor from :func:`gather_with_grad`/``gather_no_grad``."""
+    if not is_distributed():
+        return gathered
+    start = dist.get_rank() * local_batch
+    return gathered[start : start + local_batch]

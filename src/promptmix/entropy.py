@@ -1,0 +1,112 @@
+"""``AssignmentEntropy``: the entropy of sub-prompt assignments, maximised so they spread."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from promptmix import distributed
+from promptmix import functional as PF
+from promptmix._validation import check_choice, check_int, check_positive, check_unit_interval
+
+
+class AssignmentEntropy(nn.Module):
+    r"""Entropy of the responsibilities, in nats (a positive number that the objective maximises).
+
+    - ``"sample"`` (default, as in the design note): :math:`\frac{1}{B}\sum_b H(\gamma_b)`.
+    - ``"marginal"``: per class in the batch, :math:`H(\bar\gamma_c)` of its mean assignment,
+      averaged over classes: spreads *usage* without forcing each image to be uncertain.
+    - ``"mutual_information"``: marginal minus sample entropy.
+
+    **Small classes per batch.** With few-shot data a class often has 1-4 images in a batch, and
+    with one image the marginal entropy is just that image's entropy. Give ``num_classes`` and
+    ``n_subprompts`` and the module keeps a running usage estimate :math:`u_c` per class (an
+    exponential moving average of the class's mean assignment, a buffer saved with the model);
+    the class mean becomes :math:`(\sum_{b\in c}\gamma_b + n_0 u_c)/(n_c + n_0)` with
+    ``prior_count`` :math:`= n_0`. The estimate is a constant in the gradient, which therefore
+    pushes this batch's images toward the sub-prompts the class has been under-using.
+
+    Args:
+        mode: ``"sample"``, ``"marginal"`` or ``"mutual_information"``.
+        normalize: divide by ``log K``, so the value lies in ``[0, 1]``.
+        num_classes: number of classes, to keep a running usage estimate (marginal modes).
+        n_subprompts: ``K``, with ``num_classes``.
+        momentum: EMA momentum of the usage estimate, in ``[0, 1)``.
+        prior_count: weight ``n_0 >= 0`` of the usage estimate, in images.
+        sync_distributed: compute the marginal terms over the global batch of all DDP processes.
+
+    Shape:
+        - responsibilities: ``(batch, K)``, rows on the probability simplex.
+        - labels: ``(batch,)`` integer classes, or ``None`` (the batch is one class).
+        - output: scalar.
+
+    Examples:
+        >>> import torch
+        >>> uniform = torch.full((3, 4), 0.25)
+        >>> AssignmentEntropy(normalize=True)(uniform)
+        tensor(1.)
+        >>> one_hot = torch.eye(4)
+        >>> AssignmentEntropy()(one_hot), AssignmentEntropy("marginal", normalize=True)(one_hot)
+        (tensor(0.), tensor(1.))
+    """
+
+    usage: Tensor | None
+
+    def __init__(
+        self,
+        mode: PF.EntropyMode = "sample",
+        *,
+        normalize: bool = False,
+        num_classes: int | None = None,
+        n_subprompts: int | None = None,
+        momentum: float = 0.9,
+        prior_count: float = 4.0,
+        sync_distributed: bool = False,
+    ):
+        super().__init__()
+        self.mode: PF.EntropyMode = check_choice(  # type: ignore[assignment]
+            "mode", mode, PF.ENTROPY_MODES
+        )
+        self.normalize = bool(normalize)
+        self.momentum = check_unit_interval("momentum", momentum)
+        self.prior_count = check_positive("prior_count", prior_count, allow_zero=True)
+        self.sync_distributed = bool(sync_distributed)
+        if (num_classes is None) != (n_subprompts is None):
+            raise ValueError(
+                "num_classes and n_subprompts must be given together (to keep a running usage "
+                f"estimate) but got num_classes={num_classes}, n_subprompts={n_subprompts}."
+            )
+        usage = None
+        if num_classes is not None and n_subprompts is not None and mode != "sample":
+            check_int("num_classes", num_classes, minimum=1)
+            check_int("n_subprompts", n_subprompts, minimum=1)
+            usage = torch.full((num_classes, n_subprompts), 1.0 / n_subprompts)
+        self.register_buffer("usage", usage)
+
+    def forward(self, responsibilities: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Entropy of ``responsibilities`` ``(batch, K)``; see the class docstring."""
+        if self.sync_distributed and self.mode != "sample" and distributed.is_distributed():
+            responsibilities = distributed.gather_with_grad(responsibilities)
+            labels = None if labels is None else distributed.gather_no_grad(labels)
+        use_prior = self.usage is not None and labels is not None
+        value = PF.assignment_entropy(
+            responsibilities,
+            labels,
+            mode=self.mode,
+            normalize=self.normalize,
+            usage_prior=self.usage if use_prior else None,
+            prior_count=self.prior_count if use_prior else 0.0,
+        )
+        if use_prior and self.training and len(responsibilities):
+            self._update_usage(responsibilities.detach(), labels)  # type: ignore[arg-type]
+        return value
+
+    @torch.no_grad()
+    def _update_usage(self, responsibilities: Tensor, labels: Tensor) -> None:
+        assert self.usage is not None
+        classes, means, _ = PF.class_mean_responsibilities(responsibilities, labels)
+        current = self.usage[classes]
+        self.usage[classes] = self.momentum * current + (1 - self.momentum) * means.to(current)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, normalize={self.normalize}, prior_count={self.prior_count}"

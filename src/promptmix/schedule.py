@@ -1,0 +1,87 @@
+"""``TemperatureSchedule``: anneals the E-step temperature ``tau`` over training."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from promptmix import functional as PF
+from promptmix._validation import check_choice, check_int, check_positive
+
+
+class TemperatureSchedule(nn.Module):
+    r"""Annealed temperature for the E-step, saved and restored with ``state_dict``.
+
+    ``schedule()`` returns the current ``tau``; ``schedule.step()`` advances one step. ``tau`` is
+    exactly ``start`` at step 0 (and through ``warmup_steps``), moves monotonically to exactly
+    ``end`` at ``total_steps`` and is held there after. The step counter is a buffer, so a resumed
+    run continues where it stopped.
+
+    The default ``end = 0.3`` (not 0.05) keeps assignments soft to the end of training: at CLIP's
+    similarity scale, ``tau = 0.05`` makes the E-step hard and lets one sub-prompt take over.
+
+    Args:
+        start: ``tau`` at step 0, ``> 0``.
+        end: ``tau`` from ``total_steps`` on, ``> 0``.
+        total_steps: number of ``step()`` calls to reach ``end``, ``>= 1``.
+        kind: ``"linear"``, ``"cosine"`` or ``"exponential"`` (geometric).
+        warmup_steps: steps held at ``start`` before annealing, in ``[0, total_steps)``.
+
+    Examples:
+        >>> schedule = TemperatureSchedule(start=1.0, end=0.3, total_steps=2)
+        >>> taus = []
+        >>> for _ in range(4):
+        ...     taus.append(round(schedule(), 2))
+        ...     schedule.step()
+        >>> taus
+        [1.0, 0.65, 0.3, 0.3]
+        >>> schedule.state_dict()
+        OrderedDict([('step_count', tensor(4))])
+    """
+
+    step_count: torch.Tensor
+
+    def __init__(
+        self,
+        start: float = 1.0,
+        end: float = 0.3,
+        *,
+        total_steps: int,
+        kind: PF.ScheduleKind = "linear",
+        warmup_steps: int = 0,
+    ):
+        super().__init__()
+        self.start = check_positive("start", start)
+        self.end = check_positive("end", end)
+        self.total_steps = check_int("total_steps", total_steps, minimum=1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+        if warmup_steps >= total_steps:
+            raise ValueError(
+                f"warmup_steps must be in [0, total_steps) = [0, {total_steps}) but is "
+                f"{warmup_steps}."
+            )
+        self.kind: PF.ScheduleKind = check_choice(  # type: ignore[assignment]
+            "kind", kind, PF.SCHEDULE_KINDS
+        )
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+
+    def forward(self) -> float:
+        """The current ``tau``."""
+        return PF.temperature_at(
+            int(self.step_count),
+            start=self.start,
+            end=self.end,
+            total_steps=self.total_steps,
+            kind=self.kind,
+            warmup_steps=self.warmup_steps,
+        )
+
+    def step(self) -> None:
+        """Advance the schedule by one step."""
+        self.step_count += 1
+
+    def extra_repr(self) -> str:
+        return (
+            f"start={self.start}, end={self.end}, total_steps={self.total_steps}, "
+            f"kind={self.kind!r}, warmup_steps={self.warmup_steps}, step={int(self.step_count)}"
+        )
