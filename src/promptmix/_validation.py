@@ -39,6 +39,15 @@ def check_rank(name: str, value: object, ranks: Sequence[int], shape: str) -> Te
     return tensor
 
 
+def check_subprompts(name: str, tensor: Tensor, dim: int) -> None:
+    """Raise ``ValueError`` unless ``tensor`` has ``K >= 1`` sub-prompts along ``dim``."""
+    if tensor.shape[dim] < 1:
+        raise ValueError(
+            f"{name} must have K >= 1 sub-prompts along dimension {dim} but has shape "
+            f"{tuple(tensor.shape)}."
+        )
+
+
 def check_labels(name: str, labels: object, batch: int, num_classes: int | None) -> Tensor:
     """Return ``labels`` if it is an integer tensor of shape ``(batch,)`` with values in range."""
     tensor = check_tensor(name, labels)

@@ -6,6 +6,8 @@ Marginal entropy and Sinkhorn balance act on a class's images across the *global
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -28,8 +30,33 @@ def _check_equal_sizes(tensor: Tensor) -> None:
         )
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """``all_gather`` whose backward sums each rank's gradient and returns this rank's rows."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        ctx.local_batch = tensor.shape[0]
+        return _all_gather(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return local_slice(grad, ctx.local_batch)
+
+
+def _all_gather(tensor: Tensor) -> Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
 def gather_with_grad(tensor: Tensor) -> Tensor:
     """Concatenate ``tensor`` from all processes along dim 0, keeping the local part's gradient.
+
+    Every process computes the same loss on the gathered batch, so the backward pass sums the
+    processes' gradients for this rank's rows; DDP's gradient averaging then gives the gradient of
+    the single-process loss on the global batch.
 
     Args:
         tensor: ``(local_batch, ...)``, the same shape on every process.
@@ -44,9 +71,7 @@ def gather_with_grad(tensor: Tensor) -> Tensor:
     if not is_distributed():
         return tensor
     _check_equal_sizes(tensor)
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor), dim=0)
+    return _AllGatherWithGrad.apply(tensor)
 
 
 def gather_no_grad(tensor: Tensor) -> Tensor:
@@ -54,9 +79,7 @@ def gather_no_grad(tensor: Tensor) -> Tensor:
     if not is_distributed():
         return tensor
     _check_equal_sizes(tensor)
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts, dim=0)
+    return _all_gather(tensor)
 
 
 def local_slice(gathered: Tensor, local_batch: int) -> Tensor:

@@ -16,7 +16,8 @@ class AssignmentEntropy(nn.Module):
     - ``"sample"`` (default, as in the design note): :math:`\frac{1}{B}\sum_b H(\gamma_b)`.
     - ``"marginal"``: per class in the batch, :math:`H(\bar\gamma_c)` of its mean assignment,
       averaged over classes: spreads *usage* without forcing each image to be uncertain.
-    - ``"mutual_information"``: marginal minus sample entropy.
+    - ``"mutual_information"``: per class, marginal minus the class's mean sample entropy
+      (the mutual information between image and sub-prompt), averaged over classes.
 
     **Small classes per batch.** With few-shot data a class often has 1-4 images in a batch, and
     with one image the marginal entropy is just that image's entropy. Give ``num_classes`` and

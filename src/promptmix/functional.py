@@ -1,8 +1,8 @@
 """The maths of promptmix as pure functions; the modules are thin, validated wrappers around them.
 
 Shapes use ``B`` for the batch, ``C`` for classes, ``K`` for sub-prompts per class and ``D`` for the
-embedding dimension. Every function accepts raw (unnormalised) features and normalises internally
-with :func:`torch.nn.functional.normalize`, so a zero vector gives zeros, never NaN.
+embedding dimension. Every function accepts raw (unnormalised) features and normalises internally;
+a zero vector gives zeros and a zero gradient, never NaN, in every dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from promptmix._validation import (
     check_positive,
     check_rank,
     check_simplex,
+    check_subprompts,
 )
 
 Reduction = Literal["mean", "sum", "none"]
@@ -51,6 +52,19 @@ def connected_zero(*tensors: Tensor) -> Tensor:
     return sum((t * 0).sum() for t in tensors)  # type: ignore[return-value]
 
 
+def _unit(features: Tensor) -> Tensor:
+    """L2-normalise the last dimension; a zero vector maps to zero, with zero gradient.
+
+    Not ``F.normalize``: its ``eps = 1e-12`` rounds to 0 in float16 (a zero vector gives
+    ``0 / 0 = NaN``), and any ``eps`` gives a zero vector the gradient ``1 / eps``, which
+    overflows float16 and is ~1e12 in float32. A zero vector has no direction to move along.
+    """
+    norm = torch.linalg.vector_norm(features, dim=-1, keepdim=True)
+    nonzero = norm > 0
+    unit = features / torch.where(nonzero, norm, torch.ones_like(norm))
+    return torch.where(nonzero, unit, torch.zeros_like(unit))
+
+
 def pairwise_cosine(subprompt_features: Tensor) -> Tensor:
     """Cosine similarity between every pair of a class's sub-prompts.
 
@@ -66,7 +80,8 @@ def pairwise_cosine(subprompt_features: Tensor) -> Tensor:
                  [0., 1.]]])
     """
     check_rank("subprompt_features", subprompt_features, (3,), SUBPROMPT_SHAPE)
-    normed = F.normalize(subprompt_features, dim=-1)
+    check_subprompts("subprompt_features", subprompt_features, 1)
+    normed = _unit(subprompt_features)
     return einsum(normed, normed, "c i d, c j d -> c i j")
 
 
@@ -202,7 +217,9 @@ def assignment_entropy(
     - ``"sample"``: :math:`\frac{1}{B}\sum_b H(\gamma_b)`, every image spread over sub-prompts.
     - ``"marginal"``: for each class ``c`` in the batch, :math:`H(\bar\gamma_c)` of the class's mean
       assignment, averaged over classes: spreads *usage* without making each image uncertain.
-    - ``"mutual_information"``: marginal minus sample entropy: spread usage, confident images.
+    - ``"mutual_information"``: per class, :math:`H(\bar\gamma_c) - \frac{1}{n_c}\sum_{b \in c}
+      H(\gamma_b)`, averaged over classes: spread usage, confident images. Without a usage prior
+      it is a mutual information, so it lies in ``[0, log K]``.
 
     A class with few images in a batch has a noisy mean (with one image the marginal entropy *is*
     the sample entropy). ``usage_prior`` fixes that: the class mean becomes
@@ -230,6 +247,7 @@ def assignment_entropy(
         (tensor(0.), tensor(0.6931))
     """
     check_rank("responsibilities", responsibilities, (2,), "(batch, K)")
+    check_subprompts("responsibilities", responsibilities, -1)
     check_choice("mode", mode, ENTROPY_MODES)
     batch, k = responsibilities.shape
     num_classes = None
@@ -252,9 +270,13 @@ def assignment_entropy(
     if mode in ("marginal", "mutual_information"):
         class_means = _blended_class_means(responsibilities, labels, usage_prior, prior_count)
         value = value + entropy(class_means).mean()
-    if mode in ("sample", "mutual_information"):
-        sign = 1.0 if mode == "sample" else -1.0
-        value = value + sign * entropy(responsibilities).mean()
+    if mode == "sample":
+        value = value + entropy(responsibilities).mean()
+    if mode == "mutual_information":
+        # Per class, I(image; sub-prompt) = H(mean gamma) - mean H(gamma_b) >= 0 (Jensen); the
+        # sample entropies are averaged within each class, as the marginal ones are.
+        sample = entropy(responsibilities).unsqueeze(1)
+        value = value - class_mean_responsibilities(sample, labels)[1].mean()
     return value / math.log(k) if normalize else value
 
 
@@ -274,9 +296,10 @@ def subprompt_similarities(image_features: Tensor, subprompt_features: Tensor) -
     """
     check_rank("image_features", image_features, (2,), "(batch, dim)")
     check_rank("subprompt_features", subprompt_features, (3,), SUBPROMPT_SHAPE)
+    check_subprompts("subprompt_features", subprompt_features, 1)
     _check_dims(image_features, subprompt_features)
-    images = F.normalize(image_features, dim=-1)
-    prompts = F.normalize(subprompt_features, dim=-1)
+    images = _unit(image_features)
+    prompts = _unit(subprompt_features)
     return einsum(images, prompts.to(images.dtype), "b d, c k d -> b c k")
 
 
@@ -296,6 +319,7 @@ def own_class_similarities(
     """
     check_rank("image_features", image_features, (2,), "(batch, dim)")
     check_rank("subprompt_features", subprompt_features, (3,), SUBPROMPT_SHAPE)
+    check_subprompts("subprompt_features", subprompt_features, 1)
     _check_dims(image_features, subprompt_features)
     batch = image_features.shape[0]
     if labels is None:
@@ -309,8 +333,8 @@ def own_class_similarities(
     else:
         check_labels("labels", labels, batch, subprompt_features.shape[0])
         gathered = subprompt_features[labels]
-    images = F.normalize(image_features, dim=-1)
-    prompts = F.normalize(gathered, dim=-1).to(images.dtype)
+    images = _unit(image_features)
+    prompts = _unit(gathered).to(images.dtype)
     return einsum(images, prompts, "b d, b k d -> b k")
 
 
@@ -385,6 +409,7 @@ def responsibilities_from_similarities(
         ``(batch, K)`` rows on the simplex.
     """
     check_rank("similarities", similarities, (2,), "(batch, K)")
+    check_subprompts("similarities", similarities, -1)
     check_positive("tau", tau)
     check_positive("scale", scale)
     check_choice("mode", mode, ASSIGNMENT_MODES)
@@ -495,6 +520,7 @@ def class_logits(
         tensor([[5.0000, 2.4338]])
     """
     check_rank("similarities", similarities, (3,), "(batch, num_classes, K)")
+    check_subprompts("similarities", similarities, -1)
     check_choice("aggregation", aggregation, AGGREGATIONS)
     if not isinstance(logit_scale, Tensor):
         check_positive("logit_scale", logit_scale)

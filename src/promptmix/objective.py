@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from promptmix import distributed
 from promptmix import functional as PF
 from promptmix._validation import check_choice, check_labels, check_positive
 from promptmix.assignment import SoftEMAssigner
@@ -57,8 +58,10 @@ class MixtureOfPromptsLoss(nn.Module):
         num_classes: with ``n_subprompts``, keeps a running usage estimate for marginal entropy.
         n_subprompts: ``K``, with ``num_classes``.
         assigner_scale: similarity scale of the E-step (see :class:`SoftEMAssigner`).
+        sinkhorn_iterations: normalisation rounds of ``assignment="sinkhorn"``.
         diversity: a configured :class:`DiversityLoss` to use instead of the default one.
-        sync_distributed: gather batch statistics (Sinkhorn, marginal entropy) across DDP processes.
+        sync_distributed: gather batch statistics (Sinkhorn, marginal entropy, the classes whose
+            sub-prompts the diversity term sees) across DDP processes.
 
     Shape:
         - image_features: ``(batch, dim)``.
@@ -99,6 +102,7 @@ class MixtureOfPromptsLoss(nn.Module):
         num_classes: int | None = None,
         n_subprompts: int | None = None,
         assigner_scale: float = 100.0,
+        sinkhorn_iterations: int = 3,
         diversity: DiversityLoss | None = None,
         sync_distributed: bool = False,
     ):
@@ -115,8 +119,12 @@ class MixtureOfPromptsLoss(nn.Module):
             self.schedule, self.fixed_tau = tau, None
         else:
             self.schedule, self.fixed_tau = None, check_positive("tau", tau)
+        self.sync_distributed = bool(sync_distributed)
         self.assigner = SoftEMAssigner(
-            assignment, scale=assigner_scale, sync_distributed=sync_distributed
+            assignment,
+            scale=assigner_scale,
+            sinkhorn_iterations=sinkhorn_iterations,
+            sync_distributed=sync_distributed,
         )
         self.diversity = diversity if diversity is not None else DiversityLoss()
         self.entropy = AssignmentEntropy(
@@ -154,7 +162,8 @@ class MixtureOfPromptsLoss(nn.Module):
             tau=tau,
             assigner_scale=self.assigner.scale,
         )
-        ce = F.cross_entropy(logits, labels) if batch else zero
+        # ``.long()``: cross_entropy rejects int32 targets that every other step accepts.
+        ce = F.cross_entropy(logits, labels.long()) if batch else zero
 
         targets = self.assigner.from_similarities(own.detach(), labels, tau=tau)
         mixture = zero
@@ -163,7 +172,10 @@ class MixtureOfPromptsLoss(nn.Module):
 
         diversity = zero
         if self.diversity_weight and batch:
-            diversity = self.diversity(subprompt_features[torch.unique(labels)])
+            # Under DDP every process penalises the classes of the *global* batch, so a run on N
+            # processes matches one process with the same total batch.
+            batch_labels = distributed.gather_no_grad(labels) if self.sync_distributed else labels
+            diversity = self.diversity(subprompt_features[torch.unique(batch_labels)])
 
         entropy = zero
         if self.entropy_weight and self.assigner.mode != "hard":

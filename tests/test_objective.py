@@ -1,0 +1,448 @@
+"""MixtureOfPromptsLoss: the combined objective, its parts, and where gradients go."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import promptmix.functional as PF
+from promptmix import MixtureOfPromptsLoss, SoftEMAssigner, TemperatureSchedule
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+AGGREGATIONS = ("logsumexp", "max", "mean", "responsibility")
+ASSIGNMENTS = ("soft", "hard", "sinkhorn")
+ENTROPY_MODES = ("sample", "marginal", "mutual_information")
+SCALAR_KEYS = ("loss", "ce", "mixture", "diversity", "entropy")
+
+# Small explicit problem: 3 images, 2 classes with K = 2 sub-prompts each, D = 3.
+IMAGES = torch.tensor([[1.0, 0.2, 0.0], [0.1, 1.0, 0.3], [0.5, 0.5, 0.5]])
+PROMPTS = torch.tensor(
+    [
+        [[1.0, 0.0, 0.0], [0.6, 0.8, 0.0]],
+        [[0.0, 1.0, 0.0], [0.0, 0.6, 0.8]],
+    ]
+)
+LABELS = torch.tensor([0, 1, 1])
+
+
+def problem(batch: int = 6, classes: int = 4, k: int = 3, dim: int = 8, dtype=torch.float32):
+    images = torch.randn(batch, dim, dtype=dtype)
+    prompts = torch.randn(classes, k, dim, dtype=dtype, requires_grad=True)
+    labels = torch.arange(batch) % (classes - 1)  # the last class is absent from the batch
+    return images, prompts, labels
+
+
+def reference(images, prompts, labels, *, logit_scale, tau, scale, wm, wd, we, detach=True):
+    """The objective written out from the formula, without promptmix."""
+    x = images / images.norm(dim=-1, keepdim=True)
+    t = prompts / prompts.norm(dim=-1, keepdim=True)
+    cos = torch.einsum("bd,ckd->bck", x, t)
+    k = cos.shape[-1]
+    logits = torch.logsumexp(logit_scale * cos, dim=-1) - math.log(k)
+    ce = F.cross_entropy(logits, labels)
+    own = cos[torch.arange(len(labels)), labels]
+    soft = torch.softmax(scale * own / tau, dim=-1)
+    targets = soft.detach() if detach else soft
+    mixture = (targets * (1 - own)).sum(-1).mean()
+    present = t[labels.unique()]
+    pair_cos = torch.einsum("ckd,cjd->ckj", present, present)
+    i, j = torch.triu_indices(k, k, offset=1)
+    diversity = (pair_cos[:, i, j] ** 2).mean()
+    entropy = -(soft * soft.log()).sum(-1).mean()
+    loss = ce + wm * mixture + wd * diversity - we * entropy
+    return {"loss": loss, "ce": ce, "mixture": mixture, "diversity": diversity, "entropy": entropy}
+
+
+class TestMixtureOfPromptsLoss:
+    def test_smoke(self) -> None:
+        images, prompts, labels = problem()
+        out = MixtureOfPromptsLoss()(images, prompts, labels)
+        assert set(out) == {*SCALAR_KEYS, "tau", "logits", "responsibilities"}
+        for key in SCALAR_KEYS:
+            assert out[key].shape == () and torch.isfinite(out[key]), key
+        assert out["tau"].shape == () and out["tau"].item() == pytest.approx(0.3)
+        assert out["logits"].shape == (6, 4) and not out["logits"].requires_grad
+        assert out["responsibilities"].shape == (6, 3)
+        assert not out["responsibilities"].requires_grad
+        out["loss"].backward()
+        assert prompts.grad.abs().sum() > 0
+
+    def test_default_weights(self) -> None:
+        loss_fn = MixtureOfPromptsLoss()
+        assert (loss_fn.diversity_weight, loss_fn.entropy_weight, loss_fn.mixture_weight) == (
+            0.1,
+            0.01,
+            1.0,
+        )
+        explicit_none = MixtureOfPromptsLoss(
+            diversity_weight=None, entropy_weight=None, mixture_weight=None
+        )
+        assert explicit_none.diversity_weight == 0.1 and explicit_none.entropy_weight == 0.01
+        assert explicit_none.mixture_weight == 1.0
+        off = MixtureOfPromptsLoss(diversity_weight=0, entropy_weight=0.0, mixture_weight=0)
+        assert (off.diversity_weight, off.entropy_weight, off.mixture_weight) == (0.0, 0.0, 0.0)
+
+    @pytest.mark.parametrize(
+        ("kwargs", "error", "match"),
+        [
+            ({"diversity_weight": -0.1}, ValueError, "diversity_weight"),
+            ({"entropy_weight": -1.0}, ValueError, "entropy_weight"),
+            ({"mixture_weight": float("inf")}, ValueError, "mixture_weight"),
+            ({"diversity_weight": "0.1"}, TypeError, "diversity_weight"),
+            ({"aggregation": "sum"}, ValueError, "aggregation"),
+            ({"assignment": "em"}, ValueError, "mode"),
+            ({"entropy_mode": "joint"}, ValueError, "mode"),
+            ({"tau": 0.0}, ValueError, "tau"),
+            ({"tau": -0.3}, ValueError, "tau"),
+            ({"assigner_scale": 0.0}, ValueError, "scale"),
+            ({"num_classes": 3}, ValueError, "n_subprompts"),
+        ],
+    )
+    def test_bad_constructor_arguments(self, kwargs, error, match) -> None:
+        with pytest.raises(error, match=match):
+            MixtureOfPromptsLoss(**kwargs)
+
+    @pytest.mark.parametrize(
+        ("change", "error", "match"),
+        [
+            ({"images": torch.randn(6)}, ValueError, "image_features"),
+            ({"images": torch.randn(6, 7)}, ValueError, "share the last dimension"),
+            ({"prompts": torch.randn(4, 8)}, ValueError, "subprompt_features"),
+            ({"prompts": torch.randn(4, 0, 8)}, ValueError, "subprompt_features"),  # K < 1
+            ({"labels": torch.tensor([0, 1, 2, 4, 0, 1])}, ValueError, "labels"),
+            ({"labels": torch.tensor([0, 1, 2, -1, 0, 1])}, ValueError, "labels"),
+            ({"labels": torch.zeros(6)}, TypeError, "labels"),
+            ({"labels": torch.zeros(6, 1, dtype=torch.long)}, ValueError, "labels"),
+            ({"tau": 0.0}, ValueError, "tau"),
+            ({"logit_scale": -1.0}, ValueError, "logit_scale"),
+        ],
+    )
+    def test_bad_inputs(self, change, error, match) -> None:
+        images, prompts, labels = problem()
+        args = {"images": images, "prompts": prompts, "labels": labels} | change
+        kwargs = {key: change[key] for key in ("tau", "logit_scale") if key in change}
+        with pytest.raises(error, match=match):
+            MixtureOfPromptsLoss()(args["images"], args["prompts"], args["labels"], **kwargs)
+
+    @pytest.mark.parametrize(
+        "weights",
+        [
+            {},
+            {"diversity_weight": 0.5, "entropy_weight": 0.2, "mixture_weight": 0.3},
+            {"diversity_weight": 0.0, "entropy_weight": 0.0, "mixture_weight": 0.0},
+        ],
+    )
+    def test_loss_equals_hand_computation(self, weights) -> None:
+        loss_fn = MixtureOfPromptsLoss(tau=0.5, assigner_scale=5.0, **weights)
+        out = loss_fn(IMAGES, PROMPTS, LABELS, logit_scale=10.0)
+        wd, we, wm = loss_fn.diversity_weight, loss_fn.entropy_weight, loss_fn.mixture_weight
+        expected = reference(
+            IMAGES, PROMPTS, LABELS, logit_scale=10.0, tau=0.5, scale=5.0, wm=wm, wd=wd, we=we
+        )
+        for key in SCALAR_KEYS:
+            value = (
+                expected[key]
+                if key in ("loss", "ce")
+                else expected[key] * bool({"mixture": wm, "diversity": wd, "entropy": we}[key])
+            )
+            torch.testing.assert_close(out[key], value, msg=key)
+        combined = out["ce"] + wm * out["mixture"] + wd * out["diversity"] - we * out["entropy"]
+        torch.testing.assert_close(out["loss"], combined)
+
+    def test_hand_computation_of_the_parts(self) -> None:
+        # Class 0's sub-prompts have cosine 0.6, class 1's 0.6: diversity = 0.36 (both present).
+        out = MixtureOfPromptsLoss(assigner_scale=5.0, tau=0.5)(IMAGES, PROMPTS, LABELS)
+        assert out["diversity"].item() == pytest.approx(0.36, rel=1e-6)
+        # Only class 0 present: its pair alone.
+        only0 = MixtureOfPromptsLoss()(IMAGES[:1], PROMPTS, LABELS[:1])
+        assert only0["diversity"].item() == pytest.approx(0.36, rel=1e-6)
+        # Image 0 = (1, 0.2, 0)/|.|, its class-0 cosines: (1/n, (0.6 + 0.16)/n) with n = |x|.
+        n = math.sqrt(1.04)
+        cos = torch.tensor([1 / n, 0.76 / n])
+        gamma = torch.softmax(5.0 * cos / 0.5, dim=0)
+        torch.testing.assert_close(out["responsibilities"][0], gamma)
+        logit0 = math.log((math.exp(100 * cos[0]) + math.exp(100 * cos[1])) / 2)
+        assert out["logits"][0, 0].item() == pytest.approx(logit0, rel=1e-5)
+
+    def test_parts_equal_the_functional_api(self) -> None:
+        images, prompts, labels = problem()
+        loss_fn = MixtureOfPromptsLoss(
+            aggregation="max", assignment="sinkhorn", entropy_mode="mutual_information", tau=0.7
+        )
+        out = loss_fn(images, prompts, labels, logit_scale=50.0)
+        sims = PF.subprompt_similarities(images, prompts)
+        logits = PF.class_logits(sims, logit_scale=50.0, aggregation="max")
+        torch.testing.assert_close(out["logits"], logits)
+        torch.testing.assert_close(out["ce"], F.cross_entropy(logits, labels))
+        targets = PF.responsibilities(images, prompts, labels, tau=0.7, mode="sinkhorn")
+        torch.testing.assert_close(out["responsibilities"], targets)
+        own = PF.own_class_similarities(images, prompts, labels)
+        torch.testing.assert_close(out["mixture"], (targets * (1 - own)).sum(-1).mean())
+        torch.testing.assert_close(out["diversity"], PF.diversity_loss(prompts[labels.unique()]))
+        soft = PF.responsibilities(images, prompts, labels, tau=0.7)
+        expected_entropy = PF.assignment_entropy(soft, labels, mode="mutual_information")
+        torch.testing.assert_close(out["entropy"], expected_entropy)
+
+    @pytest.mark.parametrize("term", ["diversity", "entropy", "mixture"])
+    def test_zero_weight_switches_a_term_off(self, term) -> None:
+        images, prompts, labels = problem()
+        on = MixtureOfPromptsLoss()(images, prompts, labels)
+        assert on[term].item() != 0.0  # the term is live with its default weight
+        loss_fn = MixtureOfPromptsLoss(**{f"{term}_weight": 0.0})
+        out = loss_fn(images, prompts, labels)
+        assert out[term].item() == 0.0 and out[term].requires_grad
+        others = {"diversity": 0.1, "entropy": 0.01, "mixture": 1.0}
+        others[term] = 0.0
+        combined = (
+            out["ce"]
+            + others["mixture"] * out["mixture"]
+            + others["diversity"] * out["diversity"]
+            - others["entropy"] * out["entropy"]
+        )
+        torch.testing.assert_close(out["loss"], combined)
+        (grad,) = torch.autograd.grad(out[term], prompts)
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+    def test_entropy_skipped_with_hard_assignments(self) -> None:
+        images, prompts, labels = problem()
+        out = MixtureOfPromptsLoss(assignment="hard", entropy_weight=1.0)(images, prompts, labels)
+        assert out["entropy"].item() == 0.0 and out["entropy"].requires_grad
+        torch.testing.assert_close(out["loss"], out["ce"] + out["mixture"] + 0.1 * out["diversity"])
+        gamma = out["responsibilities"]
+        assert torch.equal(gamma, F.one_hot(gamma.argmax(-1), 3).float())
+
+    @pytest.mark.parametrize("aggregation", AGGREGATIONS)
+    def test_every_aggregation_gives_batch_by_class_logits(self, aggregation) -> None:
+        images, prompts, labels = problem()
+        out = MixtureOfPromptsLoss(aggregation=aggregation)(images, prompts, labels)
+        assert out["logits"].shape == (6, 4)
+        out["loss"].backward()
+        assert torch.isfinite(prompts.grad).all() and prompts.grad.abs().sum() > 0
+
+    @pytest.mark.parametrize("aggregation", AGGREGATIONS)
+    def test_single_subprompt_logits_are_scaled_cosines(self, aggregation) -> None:
+        images, prompts, labels = problem(k=1)
+        out = MixtureOfPromptsLoss(aggregation=aggregation)(
+            images, prompts, labels, logit_scale=30.0
+        )
+        cos = F.normalize(images, dim=-1) @ F.normalize(prompts[:, 0], dim=-1).T
+        torch.testing.assert_close(out["logits"], 30.0 * cos.detach())
+
+    @pytest.mark.parametrize("assignment", ASSIGNMENTS)
+    @pytest.mark.parametrize("entropy_mode", ENTROPY_MODES)
+    def test_single_subprompt_gives_connected_zeros(self, assignment, entropy_mode) -> None:
+        images, prompts, labels = problem(k=1)
+        out = MixtureOfPromptsLoss(assignment=assignment, entropy_mode=entropy_mode)(
+            images, prompts, labels
+        )
+        for key in ("diversity", "entropy"):
+            assert out[key].item() == 0.0 and out[key].requires_grad, key
+        assert torch.equal(out["responsibilities"], torch.ones(6, 1))
+        out["loss"].backward()
+        assert torch.isfinite(prompts.grad).all() and prompts.grad.abs().sum() > 0
+
+    @pytest.mark.parametrize("assignment", ASSIGNMENTS)
+    @pytest.mark.parametrize("entropy_mode", ENTROPY_MODES)
+    def test_empty_batch_gives_connected_zeros(self, assignment, entropy_mode) -> None:
+        _, prompts, _ = problem()
+        images = torch.randn(0, 8, requires_grad=True)
+        labels = torch.zeros(0, dtype=torch.long)
+        loss_fn = MixtureOfPromptsLoss(
+            assignment=assignment, entropy_mode=entropy_mode, num_classes=4, n_subprompts=3
+        )
+        out = loss_fn(images, prompts, labels)
+        for key in SCALAR_KEYS:
+            assert out[key].item() == 0.0 and out[key].requires_grad, key
+        assert out["logits"].shape == (0, 4) and out["responsibilities"].shape == (0, 3)
+        out["loss"].backward()
+        assert torch.equal(prompts.grad, torch.zeros_like(prompts))
+
+    def test_mixture_gradient_does_not_flow_through_the_targets(self) -> None:
+        prompts = PROMPTS.clone().requires_grad_()
+        out = MixtureOfPromptsLoss(tau=0.5, assigner_scale=5.0)(IMAGES, prompts, LABELS)
+        (grad,) = torch.autograd.grad(out["mixture"], prompts)
+        args = {"logit_scale": 100.0, "tau": 0.5, "scale": 5.0, "wm": 1.0, "wd": 0.1, "we": 0.01}
+        detached = reference(IMAGES, prompts, LABELS, **args)["mixture"]
+        attached = reference(IMAGES, prompts, LABELS, **args, detach=False)["mixture"]
+        (expected,) = torch.autograd.grad(detached, prompts)
+        (through_targets,) = torch.autograd.grad(attached, prompts)
+        torch.testing.assert_close(grad, expected)
+        assert not torch.allclose(grad, through_targets, atol=1e-4)  # the test can tell
+
+    @pytest.mark.parametrize("assignment", ["soft", "sinkhorn"])
+    @pytest.mark.parametrize("entropy_mode", ENTROPY_MODES)
+    def test_entropy_gradient_reaches_the_subprompts(self, assignment, entropy_mode) -> None:
+        # Regression: the precursor computed the entropy of detached responsibilities, so the
+        # entropy term had no effect on training.
+        images, prompts, labels = problem()
+        loss_fn = MixtureOfPromptsLoss(assignment=assignment, entropy_mode=entropy_mode, tau=1.0)
+        out = loss_fn(images, prompts, labels)
+        (grad,) = torch.autograd.grad(out["entropy"], prompts, retain_graph=True)
+        assert torch.isfinite(grad).all() and grad[labels.unique()].abs().sum() > 1e-6
+        # ... and it reaches the loss with weight -entropy_weight.
+        (total,) = torch.autograd.grad(out["loss"], prompts)
+        without = MixtureOfPromptsLoss(
+            assignment=assignment, entropy_mode=entropy_mode, tau=1.0, entropy_weight=0.0
+        )(images, prompts, labels)
+        (rest,) = torch.autograd.grad(without["loss"], prompts)
+        torch.testing.assert_close(total, rest - 0.01 * grad)
+
+    def test_entropy_ascent_spreads_the_assignments(self) -> None:
+        # Gradient descent on -entropy alone must raise the entropy of the assignments.
+        images, prompts, labels = problem()
+        loss_fn = MixtureOfPromptsLoss(
+            diversity_weight=0.0, mixture_weight=0.0, entropy_weight=1.0, assigner_scale=10.0
+        )
+        optimizer = torch.optim.SGD([prompts], lr=0.5)
+        values = []
+        for _ in range(5):
+            out = loss_fn(images, prompts, labels, tau=1.0)
+            values.append(out["entropy"].item())
+            optimizer.zero_grad()
+            (-out["entropy"]).backward()
+            optimizer.step()
+        assert all(b > a for a, b in itertools.pairwise(values)), values
+        assert values[-1] > values[0] + 0.1
+
+    def test_tau_fixed_schedule_and_override(self) -> None:
+        images, prompts, labels = problem()
+        schedule = TemperatureSchedule(1.0, 0.2, total_steps=4)
+        loss_fn = MixtureOfPromptsLoss(tau=schedule)
+        assert loss_fn.schedule is schedule
+        assert loss_fn(images, prompts, labels)["tau"].item() == 1.0
+        assert int(schedule.step_count) == 0  # forward does not step the schedule
+        schedule.step()
+        out = loss_fn(images, prompts, labels)
+        assert out["tau"].item() == pytest.approx(0.8)
+        expected = SoftEMAssigner()(images, prompts, labels, tau=0.8)
+        torch.testing.assert_close(out["responsibilities"], expected)
+        assert loss_fn(images, prompts, labels, tau=0.5)["tau"].item() == 0.5
+        assert "schedule.step_count" in loss_fn.state_dict()
+        assert MixtureOfPromptsLoss(tau=0.4).schedule is None
+
+    def test_logit_scale_tensor_gets_gradient(self) -> None:
+        images, prompts, labels = problem()
+        logit_scale = torch.tensor(4.6, requires_grad=True)
+        out = MixtureOfPromptsLoss()(images, prompts, labels, logit_scale=logit_scale.exp())
+        out["loss"].backward()
+        assert logit_scale.grad is not None and logit_scale.grad != 0
+
+    def test_int32_labels_equal_int64_labels(self) -> None:
+        images, prompts, labels = problem()
+        out64 = MixtureOfPromptsLoss()(images, prompts, labels)
+        out32 = MixtureOfPromptsLoss()(images, prompts, labels.int())
+        for key in SCALAR_KEYS:
+            torch.testing.assert_close(out32[key], out64[key])
+
+    def test_marginal_usage_buffer_lives_in_the_loss(self) -> None:
+        images, prompts, labels = problem()
+        loss_fn = MixtureOfPromptsLoss(entropy_mode="marginal", num_classes=4, n_subprompts=3)
+        assert "entropy.usage" in loss_fn.state_dict()
+        start = loss_fn.entropy.usage.clone()
+        loss_fn.eval()(images, prompts, labels)
+        torch.testing.assert_close(loss_fn.entropy.usage, start)
+        loss_fn.train()(images, prompts, labels)
+        moved = (loss_fn.entropy.usage - start).abs().sum(-1)
+        assert (moved[:3] > 0).all() and moved[3] == 0  # class 3 is not in the batch
+
+    @pytest.mark.parametrize("entropy_mode", ENTROPY_MODES)
+    @pytest.mark.parametrize("aggregation", ["logsumexp", "max", "mean"])
+    def test_gradcheck(self, aggregation, entropy_mode) -> None:
+        # The mixture term (detached EM targets) and the "responsibility" aggregation (detached
+        # weights) are semi-gradients by design, so gradcheck covers the other terms; their
+        # gradients are checked against the detached hand computation above.
+        images = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+        prompts = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+        labels = torch.tensor([0, 1, 2, 1])
+        loss_fn = MixtureOfPromptsLoss(
+            aggregation=aggregation,
+            entropy_mode=entropy_mode,
+            mixture_weight=0.0,
+            entropy_weight=0.5,
+            tau=0.5,
+            assigner_scale=3.0,
+        )
+
+        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return loss_fn(x, t, labels, logit_scale=5.0)["loss"]
+
+        assert torch.autograd.gradcheck(fn, (images, prompts))
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    @pytest.mark.parametrize("assignment", ASSIGNMENTS)
+    def test_half_precision_finite(self, dtype, assignment) -> None:
+        images, prompts, labels = problem(dtype=dtype)
+        images[0] = 0.0
+        loss_fn = MixtureOfPromptsLoss(
+            assignment=assignment, entropy_mode="marginal", num_classes=4, n_subprompts=3
+        )
+        out = loss_fn(images, prompts, labels)
+        out["loss"].backward()
+        for key in SCALAR_KEYS:
+            assert torch.isfinite(out[key]), key
+        assert torch.isfinite(prompts.grad).all() and prompts.grad.abs().sum() > 0
+        reference_fn = MixtureOfPromptsLoss(assignment=assignment, entropy_mode="marginal")
+        expected = reference_fn(images.float(), prompts.detach().float(), labels)
+        torch.testing.assert_close(out["ce"].float(), expected["ce"], atol=0.15, rtol=0.05)
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@given(
+    hnp.arrays(np.float32, (5, 4), elements=st.floats(-3, 3, allow_subnormal=False, width=32)),
+    hnp.arrays(np.float32, (3, 3, 4), elements=st.floats(-3, 3, allow_subnormal=False, width=32)),
+    hnp.arrays(np.int64, (5,), elements=st.integers(0, 2)),
+    st.sampled_from(ASSIGNMENTS),
+    st.sampled_from(ENTROPY_MODES),
+    st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_property_decomposition_and_finite_gradients(
+    images, prompts, labels, assignment, entropy_mode, dtype
+) -> None:
+    images = torch.from_numpy(images).to(dtype)
+    prompts = torch.from_numpy(prompts).to(dtype).requires_grad_()
+    loss_fn = MixtureOfPromptsLoss(
+        assignment=assignment, entropy_mode=entropy_mode, diversity_weight=0.3, entropy_weight=0.2
+    )
+    out = loss_fn(images, prompts, torch.from_numpy(labels))
+    combined = out["ce"] + out["mixture"] + 0.3 * out["diversity"] - 0.2 * out["entropy"]
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out["loss"], combined, atol=tolerance, rtol=tolerance)
+    assert 0 <= out["diversity"].item() <= 1 + tolerance
+    out["loss"].backward()
+    assert torch.isfinite(prompts.grad).all()
+
+
+@given(
+    hnp.arrays(np.float64, (4, 5), elements=st.floats(-3, 3, allow_subnormal=False)),
+    hnp.arrays(np.float64, (2, 3, 5), elements=st.floats(-3, 3, allow_subnormal=False)),
+    hnp.arrays(np.int64, (4,), elements=st.integers(0, 1)),
+    st.sampled_from(ENTROPY_MODES),
+    st.sampled_from(["soft", "sinkhorn"]),
+)
+def test_property_entropy_gradient_reaches_subprompts(
+    images, prompts, labels, entropy_mode, assignment
+) -> None:
+    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+    prompts = torch.from_numpy(prompts).requires_grad_()
+    loss_fn = MixtureOfPromptsLoss(
+        entropy_mode=entropy_mode, assignment=assignment, assigner_scale=5.0, tau=1.0
+    )
+    # Whenever the entropy depends on the own-class cosines at all ...
+    own = PF.own_class_similarities(images, prompts.detach(), labels).requires_grad_()
+    soft = torch.softmax(5.0 * own, dim=-1)
+    (by_cosine,) = torch.autograd.grad(PF.assignment_entropy(soft, labels, mode=entropy_mode), own)
+    assume(bool(by_cosine.abs().max() > 1e-6))
+    # ... its gradient reaches the sub-prompts (it is not computed on detached assignments).
+    (grad,) = torch.autograd.grad(loss_fn(images, prompts, labels)["entropy"], prompts)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
