@@ -77,6 +77,7 @@ CONSTRUCTORS = {
         ("num_classes", None),
         ("n_subprompts", None),
         ("assigner_scale", 100.0),
+        ("sinkhorn_iterations", 3),
         ("diversity", None),
         ("sync_distributed", False),
     ],
