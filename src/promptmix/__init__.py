@@ -10,6 +10,7 @@ from promptmix.diagnostics import CollapseReport, detect_collapse
 from promptmix.diversity import DiversityLoss
 from promptmix.entropy import AssignmentEntropy
 from promptmix.objective import MixtureOfPromptsLoss
+from promptmix.prompts import MixtureOfPrompts, OffsetMixtureOfPrompts
 from promptmix.schedule import TemperatureSchedule
 
 __version__ = "0.1.0"
@@ -18,7 +19,9 @@ __all__ = [
     "AssignmentEntropy",
     "CollapseReport",
     "DiversityLoss",
+    "MixtureOfPrompts",
     "MixtureOfPromptsLoss",
+    "OffsetMixtureOfPrompts",
     "SoftEMAssigner",
     "TemperatureSchedule",
     "__version__",

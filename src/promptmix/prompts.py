@@ -1,0 +1,456 @@
+"""Learnable sub-prompts: K CoOp-style prompts per class through a frozen open_clip text tower.
+
+Two parameterisations with one contract, ``forward(class_ids=None) -> (num_classes, K, dim)``
+L2-normalised sub-prompt features:
+
+- :class:`MixtureOfPrompts` learns context vectors per class and sub-prompt (CoOp) and runs the
+  text tower every step, cut to the tokens that can matter (see :mod:`promptmix.text_tower`).
+- :class:`OffsetMixtureOfPrompts` encodes each class once at construction and learns an offset in
+  feature space; the text tower never runs in the training step.
+
+Symmetry breaking: K sub-prompts that start equal stay equal, because identical sub-prompts are a
+stationary point of the diversity loss (its gradient is exactly zero). Both classes therefore start
+their sub-prompts apart, by ``init_noise_std`` and/or by one template per sub-prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from promptmix._validation import check_int, check_positive
+from promptmix.text_tower import TextTower, encode_by_length
+
+__all__ = ["MixtureOfPrompts", "OffsetMixtureOfPrompts"]
+
+Tokenizer = Callable[[list[str]], Tensor]
+
+
+def _check_classnames(classnames: object) -> tuple[str, ...]:
+    if isinstance(classnames, str) or not isinstance(classnames, Sequence):
+        raise TypeError(f"classnames must be a sequence of str but is {type(classnames).__name__}.")
+    if len(classnames) == 0:
+        raise ValueError("classnames must hold at least one class name but is empty.")
+    bad = [name for name in classnames if not isinstance(name, str)]
+    if bad:
+        raise TypeError(f"classnames must all be str but include {bad[0]!r}.")
+    return tuple(classnames)
+
+
+def _resolve_templates(
+    templates: Sequence[str] | None, ctx_init: str | None, n_subprompts: int, default: str
+) -> tuple[str, ...]:
+    """One template (text with a single ``{}`` for the class name) per sub-prompt."""
+    if templates is None:
+        if ctx_init is not None and not isinstance(ctx_init, str):
+            raise TypeError(f"ctx_init must be a str or None but is {type(ctx_init).__name__}.")
+        return (default if ctx_init is None else f"{ctx_init} {{}}.",) * n_subprompts
+    if isinstance(templates, str) or not isinstance(templates, Sequence):
+        raise TypeError(f"templates must be a sequence of str but is {type(templates).__name__}.")
+    if len(templates) != n_subprompts:
+        raise ValueError(
+            f"templates must hold one template per sub-prompt ({n_subprompts}) but holds "
+            f"{len(templates)}."
+        )
+    for index, template in enumerate(templates):
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise ValueError(
+                f"templates[{index}] must be a str with exactly one '{{}}' for the class name but "
+                f"is {template!r}."
+            )
+    return tuple(templates)
+
+
+def _tokenize(tokenizer: Tokenizer, texts: list[str]) -> Tensor:
+    token_ids = tokenizer(texts)
+    if not isinstance(token_ids, Tensor) or token_ids.dim() != 2 or token_ids.is_floating_point():
+        raise TypeError(
+            "tokenizer must map a list of str to an integer tensor (num_texts, context_length), "
+            f"as open_clip's tokenizers do, but returned {type(token_ids).__name__}."
+        )
+    return token_ids.long()
+
+
+def _tokenize_prompts(
+    tokenizer: Tokenizer, classnames: tuple[str, ...], templates: tuple[str, ...]
+) -> Tensor:
+    """Token ids ``(num_classes, K, context_length)`` of ``templates[k].format(classname)``."""
+    texts = [template.format(name) for name in classnames for template in templates]
+    token_ids = _tokenize(tokenizer, texts)
+    return rearrange(token_ids, "(c k) l -> c k l", k=len(templates))
+
+
+def _check_class_ids(class_ids: object, num_classes: int, device: torch.device) -> Tensor | None:
+    """``None`` or a non-empty 1-D int64 tensor of class ids in ``[0, num_classes)``."""
+    if class_ids is None:
+        return None
+    if not isinstance(class_ids, Tensor):
+        if isinstance(class_ids, (str, bytes)) or not isinstance(class_ids, Sequence):
+            raise TypeError(
+                f"class_ids must be None, an integer tensor or a sequence of int but is "
+                f"{type(class_ids).__name__}."
+            )
+        class_ids = torch.as_tensor(class_ids)
+    if class_ids.is_floating_point() or class_ids.is_complex() or class_ids.dtype == torch.bool:
+        raise TypeError(f"class_ids must be an integer tensor but has dtype {class_ids.dtype}.")
+    if class_ids.dim() != 1 or class_ids.numel() == 0:
+        raise ValueError(
+            f"class_ids must have shape (n,) with n >= 1 but has shape {tuple(class_ids.shape)}."
+        )
+    low, high = int(class_ids.min()), int(class_ids.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"class_ids must lie in [0, {num_classes - 1}] but ranges over [{low}, {high}]."
+        )
+    return class_ids.to(device=device, dtype=torch.long)
+
+
+class MixtureOfPrompts(nn.Module):
+    """K learnable CoOp prompts per class, encoded by a frozen open_clip text tower.
+
+    Sub-prompt ``k`` of class ``c`` is ``[SOS] ctx_1 .. ctx_n classname . [EOS]`` where the
+    ``n_ctx`` context vectors are learned, per class and sub-prompt (``class_specific=True``,
+    ``context`` of shape ``(num_classes, K, n_ctx, width)``) or shared by all classes
+    (``(K, n_ctx, width)``). With ``templates``, sub-prompt ``k`` is ``templates[k]`` with the
+    class name in its ``{}``: the words before ``{}`` (``n_ctx`` tokens) initialise its context,
+    the words after follow the class name.
+
+    The CLIP model is frozen (``requires_grad_(False)``, ``eval()``) and held by reference, not
+    as a submodule: ``state_dict()`` holds only ``context``, and ``.to()`` does not move the model.
+    Token ids of the fixed words are non-persistent buffers; their embeddings are looked up in
+    the frozen table each step (5 MB of ids instead of 1.3 GB of embeddings for 8,000 prompts).
+
+    Speed and memory, all exact (features equal the 77-token encoding to float rounding):
+    prompts are sorted by length and encoded ``chunk_size`` at a time, each chunk cut after its
+    longest end-of-text token; ``forward(class_ids)`` encodes only those classes; and
+    ``gradient_checkpointing=True`` keeps no activations for backward but re-encodes one chunk at
+    a time (about one extra forward pass), so peak memory is that of one chunk, not of all
+    ``num_classes * K`` prompts.
+
+    Args:
+        clip_model: open_clip ``CLIP`` or ``CustomTextCLIP`` with open_clip's own text tower.
+        tokenizer: The model's open_clip tokenizer (``list[str] -> (N, context_length)``).
+        classnames: One name per class, used as given.
+        n_subprompts: K, the number of sub-prompts per class.
+        n_ctx: Number of learned context vectors per prompt.
+        ctx_init: Phrase of ``n_ctx`` tokens that initialises every sub-prompt's context; ``None``
+            draws the context from a normal with the token-embedding table's RMS as std (CoOp's
+            random init). Ignored when ``templates`` is given.
+        class_specific: One context per class (``True``) or one shared by all classes.
+        templates: Optional K templates, e.g. ``["a photo of a {}.", "a photo of the {}.", ...]``,
+            each with ``n_ctx`` tokens before ``{}``.
+        init_noise_std: Std of Gaussian noise added to the initial context, in units of the RMS
+            entry of the token-embedding table (``0.1`` moves each vector about 10% of a typical
+            token embedding). ``0`` with identical templates starts all sub-prompts equal.
+        chunk_size: Prompts encoded per chunk; ``None`` encodes all at once, cut after the
+            longest end-of-text token.
+        gradient_checkpointing: Recompute each chunk during backward instead of storing it.
+        generator: Random generator for the initial context.
+
+    Raises:
+        TypeError: On a tower that takes token ids only (Hugging Face) or wrongly typed arguments.
+        ValueError: On empty classnames, ``n_subprompts < 1``, or ``n_ctx`` that does not match
+            the token count of ``ctx_init`` / the templates.
+
+    Examples:
+        >>> import open_clip, torch
+        >>> from promptmix.prompts import MixtureOfPrompts
+        >>> model = open_clip.CLIP(
+        ...     embed_dim=32,
+        ...     vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=1, head_width=32),
+        ...     text_cfg=dict(width=64, heads=2, layers=1),
+        ... )
+        >>> tokenizer = open_clip.get_tokenizer("ViT-B-32")
+        >>> classnames = ["cat", "dog", "red panda"]
+        >>> prompts = MixtureOfPrompts(model, tokenizer, classnames, n_subprompts=4)
+        >>> prompts().shape  # (num_classes, K, dim), unit norm
+        torch.Size([3, 4, 32])
+        >>> prompts(torch.tensor([2, 0])).shape
+        torch.Size([2, 4, 32])
+        >>> list(prompts.state_dict()), tuple(prompts.context.shape)
+        (['context'], (3, 4, 4, 64))
+    """
+
+    token_ids: Tensor
+    pool_positions: Tensor
+
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        tokenizer: Tokenizer,
+        classnames: Sequence[str],
+        *,
+        n_subprompts: int = 8,
+        n_ctx: int = 4,
+        ctx_init: str | None = "a photo of a",
+        class_specific: bool = True,
+        templates: Sequence[str] | None = None,
+        init_noise_std: float = 0.1,
+        chunk_size: int | None = 64,
+        gradient_checkpointing: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.classnames = _check_classnames(classnames)
+        self.n_subprompts = check_int("n_subprompts", n_subprompts, minimum=1)
+        self.n_ctx = check_int("n_ctx", n_ctx, minimum=1)
+        self.class_specific = bool(class_specific)
+        self.init_noise_std = check_positive("init_noise_std", init_noise_std, allow_zero=True)
+        self.chunk_size = (
+            None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
+        )
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        self._tower = TextTower(clip_model)
+
+        placeholder = " ".join(["X"] * self.n_ctx) + " {}."
+        prompt_templates = _resolve_templates(templates, ctx_init, self.n_subprompts, placeholder)
+        prefixes = [template.split("{}")[0].strip() for template in prompt_templates]
+        source = "templates" if templates is not None else "ctx_init"
+        self.context_start, prefix_ids = self._locate_prefixes(tokenizer, prefixes, source)
+
+        token_ids = _tokenize_prompts(tokenizer, self.classnames, prompt_templates)
+        prompt_prefix_ids = token_ids[:, :, self.context_start : self.context_start + self.n_ctx]
+        if not torch.equal(prompt_prefix_ids, prefix_ids.expand_as(prompt_prefix_ids)):
+            raise ValueError(
+                "each template's words before '{}' must tokenize the same alone and in the prompt; "
+                "put a space between them and '{}'."
+            )
+        pool_positions = self._tower.pool_positions(token_ids)
+        length = int(pool_positions.max()) + 1  # tokens after every end-of-text never matter
+        device = self._tower.device
+        self.register_buffer("token_ids", token_ids[..., :length].to(device), persistent=False)
+        self.register_buffer("pool_positions", pool_positions.to(device), persistent=False)
+
+        table = self._tower.embedding_table.detach()
+        scale = table.float().pow(2).mean().sqrt().item()
+        shape = (*prefix_ids.shape, table.shape[-1])  # (K, n_ctx, width)
+        if self.class_specific:
+            shape = (self.num_classes, *shape)
+        if templates is None and ctx_init is None:
+            context = torch.randn(shape, generator=generator) * scale
+        else:
+            context = table[prefix_ids.to(table.device)].float().cpu().expand(shape).clone()
+            noise = torch.randn(shape, generator=generator)
+            context += noise * (self.init_noise_std * scale)
+        self.context = nn.Parameter(context.to(device=device, dtype=table.dtype))
+        clip_model.requires_grad_(False).eval()  # last, so a rejected call leaves it untouched
+
+    def _locate_prefixes(
+        self, tokenizer: Tokenizer, prefixes: list[str], source: str
+    ) -> tuple[int, Tensor]:
+        """Index of the first context token and the prefix token ids ``(K, n_ctx)``."""
+        token_ids = _tokenize(tokenizer, [*prefixes, ""])
+        positions = self._tower.pool_positions(token_ids)
+        counts = (positions[:-1] - positions[-1]).tolist()
+        for index, (prefix, count) in enumerate(zip(prefixes, counts, strict=True)):
+            if count == self.n_ctx:
+                continue
+            where = "ctx_init" if source == "ctx_init" else f"templates[{index}] before '{{}}'"
+            raise ValueError(
+                f"n_ctx must equal the number of tokens of {where} ({prefix!r} has {count}) "
+                f"but is {self.n_ctx}."
+            )
+        # Tokens before the first one that differs from the empty text's are special ([SOS]).
+        differs = token_ids[:-1] != token_ids[-1:]
+        start = int(differs.int().argmax(dim=-1).min())
+        return start, token_ids[:-1, start : start + self.n_ctx]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classnames)
+
+    @property
+    def output_dim(self) -> int:
+        """Dimension of the sub-prompt features."""
+        return self._tower.output_dim
+
+    def forward(self, class_ids: Tensor | Sequence[int] | None = None) -> Tensor:
+        """Encode the sub-prompts of all classes, or of ``class_ids`` only.
+
+        Args:
+            class_ids: ``None`` for all classes, or class indices ``(n,)``.
+
+        Returns:
+            L2-normalised sub-prompt features ``(num_classes, K, dim)`` or ``(n, K, dim)``.
+        """
+        if self.context.device != self._tower.device:
+            raise RuntimeError(
+                f"the prompts are on {self.context.device} but the CLIP model is on "
+                f"{self._tower.device}; the model is held by reference, move it too."
+            )
+        ids = _check_class_ids(class_ids, self.num_classes, self.token_ids.device)
+        token_ids = self.token_ids if ids is None else self.token_ids[ids]
+        positions = self.pool_positions if ids is None else self.pool_positions[ids]
+        count = token_ids.shape[0]
+        if self.class_specific:
+            context = self.context if ids is None else self.context[ids]
+        else:
+            context = repeat(self.context, "k n w -> c k n w", c=count)
+        token_ids = rearrange(token_ids, "c k l -> (c k) l")
+        positions = rearrange(positions, "c k -> (c k)")
+        context = rearrange(context, "c k n w -> (c k) n w")
+        start, end = self.context_start, self.context_start + self.n_ctx
+
+        def encode(rows: Tensor, length: int) -> Tensor:
+            fixed = self._tower.token_embeddings(token_ids[rows, :length])
+            learned = context[rows].to(fixed.dtype)
+            embeddings = torch.cat([fixed[:, :start], learned, fixed[:, end:]], dim=1)
+            return self._tower.encode_embeddings(embeddings, positions[rows])
+
+        features = encode_by_length(
+            encode,
+            positions,
+            chunk_size=self.chunk_size,
+            gradient_checkpointing=self.gradient_checkpointing,
+        )
+        return rearrange(F.normalize(features, dim=-1), "(c k) d -> c k d", k=self.n_subprompts)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, n_subprompts={self.n_subprompts}, "
+            f"n_ctx={self.n_ctx}, class_specific={self.class_specific}, "
+            f"chunk_size={self.chunk_size}, gradient_checkpointing={self.gradient_checkpointing}"
+        )
+
+
+def _encode_frozen(clip_model: nn.Module, token_ids: Tensor, chunk_size: int | None) -> Tensor:
+    """``clip_model.encode_text(token_ids)`` ``(N, dim)`` without a graph, cut where possible."""
+    try:
+        tower: TextTower | None = TextTower(clip_model)
+    except (TypeError, ValueError):  # e.g. a Hugging Face tower: encode_text on full token ids
+        tower = None
+    was_training = clip_model.training
+    clip_model.eval()
+    try:
+        with torch.no_grad():
+            if tower is not None:
+                return tower.encode_token_ids(token_ids.to(tower.device), chunk_size=chunk_size)
+            encode_text = getattr(clip_model, "encode_text", None)
+            if not callable(encode_text):
+                raise TypeError(
+                    f"clip_model must have an encode_text method but {type(clip_model).__name__} "
+                    "has none."
+                )
+            device = next(clip_model.parameters()).device
+            chunks = token_ids.split(chunk_size or max(len(token_ids), 1))
+            return torch.cat([encode_text(chunk.to(device)) for chunk in chunks])
+    finally:
+        clip_model.train(was_training)
+
+
+class OffsetMixtureOfPrompts(nn.Module):
+    """K sub-prompts per class as learned offsets from the class's frozen text feature.
+
+    Sub-prompt ``k`` of class ``c`` is ``normalize(t_ck + offset_ck)`` where ``t_ck`` is the unit
+    text feature of ``templates[k].format(classname)`` (``f"{ctx_init} {classname}."`` when no
+    templates are given) and ``offset`` ``(num_classes, K, dim)`` is learned. The text tower runs
+    once, at construction (no graph, chunked, cut like :class:`MixtureOfPrompts`); a training
+    step is an add and a normalise. Any open_clip model with ``encode_text`` works, including
+    Hugging Face text towers, and the model is not kept.
+
+    The frozen features are a non-persistent buffer: ``state_dict()`` holds only ``offsets``.
+
+    Args:
+        clip_model: open_clip model; it is used in eval mode and left as it was.
+        tokenizer: The model's open_clip tokenizer.
+        classnames: One name per class, used as given.
+        n_subprompts: K, the number of sub-prompts per class.
+        ctx_init: Phrase before the class name (``None``: the class name alone, then ``.``).
+            Ignored when ``templates`` is given.
+        templates: Optional K templates with one ``{}``, one per sub-prompt; distinct templates
+            start the sub-prompts apart even without noise.
+        init_noise_std: Expected norm of each initial offset (normal, std
+            ``init_noise_std / sqrt(dim)`` per entry), relative to the unit text feature.
+        chunk_size: Prompts per chunk when encoding at construction (``None``: all at once).
+        generator: Random generator for the initial offsets.
+
+    Examples:
+        >>> import open_clip, torch
+        >>> from promptmix.prompts import OffsetMixtureOfPrompts
+        >>> model = open_clip.CLIP(
+        ...     embed_dim=32,
+        ...     vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=1, head_width=32),
+        ...     text_cfg=dict(width=64, heads=2, layers=1),
+        ... )
+        >>> tokenizer = open_clip.get_tokenizer("ViT-B-32")
+        >>> prompts = OffsetMixtureOfPrompts(model, tokenizer, ["cat", "dog"], n_subprompts=3)
+        >>> prompts().shape, prompts([1]).shape
+        (torch.Size([2, 3, 32]), torch.Size([1, 3, 32]))
+        >>> list(prompts.state_dict())
+        ['offsets']
+    """
+
+    text_features: Tensor
+
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        tokenizer: Tokenizer,
+        classnames: Sequence[str],
+        *,
+        n_subprompts: int = 8,
+        ctx_init: str | None = "a photo of a",
+        templates: Sequence[str] | None = None,
+        init_noise_std: float = 0.1,
+        chunk_size: int | None = 256,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.classnames = _check_classnames(classnames)
+        self.n_subprompts = check_int("n_subprompts", n_subprompts, minimum=1)
+        self.init_noise_std = check_positive("init_noise_std", init_noise_std, allow_zero=True)
+        chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
+        if not isinstance(clip_model, nn.Module):
+            raise TypeError(
+                f"clip_model must be an open_clip model (torch.nn.Module) but is "
+                f"{type(clip_model).__name__}."
+            )
+        prompt_templates = _resolve_templates(templates, ctx_init, self.n_subprompts, "{}.")
+        # Encode each distinct template once; equal templates share their features.
+        distinct = tuple(dict.fromkeys(prompt_templates))
+        token_ids = rearrange(
+            _tokenize_prompts(tokenizer, self.classnames, distinct), "c u l -> (c u) l"
+        )
+        features = _encode_frozen(clip_model, token_ids, chunk_size)
+        features = rearrange(F.normalize(features, dim=-1), "(c u) d -> c u d", u=len(distinct))
+        template_index = torch.tensor([distinct.index(t) for t in prompt_templates])
+        features = features[:, template_index.to(features.device)].contiguous()
+        self.register_buffer("text_features", features, persistent=False)
+
+        dim = features.shape[-1]
+        noise = torch.randn(features.shape, generator=generator, dtype=torch.float32)
+        offsets = noise * (self.init_noise_std / math.sqrt(dim))
+        self.offsets = nn.Parameter(offsets.to(device=features.device, dtype=features.dtype))
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classnames)
+
+    @property
+    def output_dim(self) -> int:
+        """Dimension of the sub-prompt features."""
+        return int(self.text_features.shape[-1])
+
+    def forward(self, class_ids: Tensor | Sequence[int] | None = None) -> Tensor:
+        """Sub-prompt features of all classes, or of ``class_ids`` only.
+
+        Args:
+            class_ids: ``None`` for all classes, or class indices ``(n,)``.
+
+        Returns:
+            L2-normalised sub-prompt features ``(num_classes, K, dim)`` or ``(n, K, dim)``.
+        """
+        ids = _check_class_ids(class_ids, self.num_classes, self.offsets.device)
+        if ids is None:
+            return F.normalize(self.text_features + self.offsets, dim=-1)
+        return F.normalize(self.text_features[ids] + self.offsets[ids], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, n_subprompts={self.n_subprompts}"
