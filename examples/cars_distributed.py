@@ -1,0 +1,113 @@
+"""Process-group plumbing for ``torchrun`` (DDP); everything degrades to one process without it.
+
+Start a multi-GPU run with ``torchrun --nproc_per_node=N examples/train_cars.py ...``. On CPU the
+``gloo`` backend is used, which is how the tests run two processes on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its rank among ``world_size`` processes and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes logs, checkpoints and pictures."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether there are several processes."""
+        return self.world_size > 1
+
+
+def _pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=auto.")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def setup_runtime(device_choice: str = "auto") -> Runtime:
+    """Join the process group ``torchrun`` describes in the environment, if any.
+
+    ``nccl`` on CUDA, ``gloo`` on CPU. Without ``WORLD_SIZE`` (plain ``python``) this is a single
+    process and no group is created.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _pick_device(device_choice, local_rank)
+    if world_size == 1:
+        return Runtime(0, 1, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Runtime(dist.get_rank(), dist.get_world_size(), device)
+
+
+def teardown(runtime: Runtime) -> None:
+    """Leave the process group."""
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """The mean of ``values`` over processes (``values`` itself for one process)."""
+    if not runtime.distributed:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / runtime.world_size
+
+
+def any_process(flag: bool, runtime: Runtime) -> bool:
+    """Whether ``flag`` is true on at least one process (so all processes act together)."""
+    if not runtime.distributed:
+        return flag
+    value = torch.tensor([float(flag)], device=runtime.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_gather_objects(obj: Any, runtime: Runtime) -> list[Any]:
+    """``obj`` of every process, in rank order."""
+    if not runtime.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * runtime.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def shard_indices(count: int, runtime: Runtime) -> list[int]:
+    """This process's share of ``range(count)``: every ``world_size``-th index from ``rank``."""
+    return list(range(runtime.rank, count, runtime.world_size))
+
+
+def gather_shards(local: torch.Tensor, count: int, runtime: Runtime) -> torch.Tensor:
+    """All ``count`` rows on every process, from the rows each computed on its shard."""
+    if not runtime.distributed:
+        return local
+    per_process = -(-count // runtime.world_size)
+    padded = local.new_zeros((per_process, *local.shape[1:]))
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(runtime.world_size)]
+    dist.all_gather(parts, padded)
+    full = local.new_empty((count, *local.shape[1:]))
+    for rank, part in enumerate(parts):
+        rows = torch.arange(rank, count, runtime.world_size, device=local.device)
+        full[rows] = part[: len(rows)]
+    return full
