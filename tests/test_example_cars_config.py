@@ -25,7 +25,7 @@ def test_default_yaml_documents_every_key_with_its_default() -> None:
 def test_shipped_configs_load(name: str) -> None:
     cfg = cars_config.load_config(CONFIGS / name)
     assert cfg.model.em_tau_end == 0.3
-    assert (cfg.model.diversity_loss_weight, cfg.model.entropy_loss_weight) == (0.1, 0.01)
+    assert (cfg.model.diversity_loss_weight, cfg.model.entropy_loss_weight) == (0.1, 0.3)
 
 
 def test_output_folder_follows_the_overrides() -> None:
@@ -39,7 +39,7 @@ def test_old_config_gets_regulariser_defaults_and_overrides_apply(tmp_path: Path
         old_config(tmp_path / "old.yaml"), ["model.n_subprompts=4", "train.epochs=3"]
     )
     assert (cfg.model.n_subprompts, cfg.train.epochs, cfg.train.shots) == (4, 3, 4)
-    assert cfg.model.diversity_loss_weight == 0.1 and cfg.model.entropy_loss_weight == 0.01
+    assert cfg.model.diversity_loss_weight == 0.1 and cfg.model.entropy_loss_weight == 0.3
     assert cfg.model.em_tau_end == 0.3 and cfg.model.assignment == "soft"
 
 

@@ -41,7 +41,9 @@ def problem(batch: int = 6, classes: int = 4, k: int = 3, dim: int = 8, dtype=to
     return images, prompts, labels
 
 
-def reference(images, prompts, labels, *, logit_scale, tau, scale, wm, wd, we, detach=True):
+def reference(
+    images, prompts, labels, *, logit_scale, tau, scale, wm, wd, we, detach=True, mode="sample"
+):
     """The objective written out from the formula, without promptmix."""
     x = images / images.norm(dim=-1, keepdim=True)
     t = prompts / prompts.norm(dim=-1, keepdim=True)
@@ -57,7 +59,11 @@ def reference(images, prompts, labels, *, logit_scale, tau, scale, wm, wd, we, d
     pair_cos = torch.einsum("ckd,cjd->ckj", present, present)
     i, j = torch.triu_indices(k, k, offset=1)
     diversity = (pair_cos[:, i, j] ** 2).mean()
-    entropy = -(soft * soft.log()).sum(-1).mean()
+    if mode == "sample":
+        entropy = -(soft * soft.log()).sum(-1).mean()
+    else:  # marginal: the entropy of each present class's mean assignment, averaged
+        means = torch.stack([soft[labels == c].mean(0) for c in labels.unique()])
+        entropy = -(means * means.log()).sum(-1).mean()
     loss = ce + wm * mixture + wd * diversity - we * entropy
     return {"loss": loss, "ce": ce, "mixture": mixture, "diversity": diversity, "entropy": entropy}
 
@@ -80,13 +86,13 @@ class TestMixtureOfPromptsLoss:
         loss_fn = MixtureOfPromptsLoss()
         assert (loss_fn.diversity_weight, loss_fn.entropy_weight, loss_fn.mixture_weight) == (
             0.1,
-            0.01,
+            0.3,
             1.0,
         )
         explicit_none = MixtureOfPromptsLoss(
             diversity_weight=None, entropy_weight=None, mixture_weight=None
         )
-        assert explicit_none.diversity_weight == 0.1 and explicit_none.entropy_weight == 0.01
+        assert explicit_none.diversity_weight == 0.1 and explicit_none.entropy_weight == 0.3
         assert explicit_none.mixture_weight == 1.0
         off = MixtureOfPromptsLoss(diversity_weight=0, entropy_weight=0.0, mixture_weight=0)
         assert (off.diversity_weight, off.entropy_weight, off.mixture_weight) == (0.0, 0.0, 0.0)
@@ -141,12 +147,22 @@ class TestMixtureOfPromptsLoss:
             {"diversity_weight": 0.0, "entropy_weight": 0.0, "mixture_weight": 0.0},
         ],
     )
-    def test_loss_equals_hand_computation(self, weights) -> None:
-        loss_fn = MixtureOfPromptsLoss(tau=0.5, assigner_scale=5.0, **weights)
+    @pytest.mark.parametrize("mode", ["marginal", "sample"])
+    def test_loss_equals_hand_computation(self, weights, mode) -> None:
+        loss_fn = MixtureOfPromptsLoss(tau=0.5, assigner_scale=5.0, entropy_mode=mode, **weights)
         out = loss_fn(IMAGES, PROMPTS, LABELS, logit_scale=10.0)
         wd, we, wm = loss_fn.diversity_weight, loss_fn.entropy_weight, loss_fn.mixture_weight
         expected = reference(
-            IMAGES, PROMPTS, LABELS, logit_scale=10.0, tau=0.5, scale=5.0, wm=wm, wd=wd, we=we
+            IMAGES,
+            PROMPTS,
+            LABELS,
+            logit_scale=10.0,
+            tau=0.5,
+            scale=5.0,
+            wm=wm,
+            wd=wd,
+            we=we,
+            mode=mode,
         )
         for key in SCALAR_KEYS:
             value = (
@@ -200,7 +216,7 @@ class TestMixtureOfPromptsLoss:
         loss_fn = MixtureOfPromptsLoss(**{f"{term}_weight": 0.0})
         out = loss_fn(images, prompts, labels)
         assert out[term].item() == 0.0 and out[term].requires_grad
-        others = {"diversity": 0.1, "entropy": 0.01, "mixture": 1.0}
+        others = {"diversity": 0.1, "entropy": 0.3, "mixture": 1.0}
         others[term] = 0.0
         combined = (
             out["ce"]
@@ -294,7 +310,7 @@ class TestMixtureOfPromptsLoss:
             assignment=assignment, entropy_mode=entropy_mode, tau=1.0, entropy_weight=0.0
         )(images, prompts, labels)
         (rest,) = torch.autograd.grad(without["loss"], prompts)
-        torch.testing.assert_close(total, rest - 0.01 * grad)
+        torch.testing.assert_close(total, rest - 0.3 * grad)
 
     def test_entropy_ascent_spreads_the_assignments(self) -> None:
         # Gradient descent on -entropy alone must raise the entropy of the assignments.

@@ -74,7 +74,7 @@ CONSTRUCTORS = {
         ("mixture_weight", None),
         ("aggregation", "logsumexp"),
         ("assignment", "soft"),
-        ("entropy_mode", "sample"),
+        ("entropy_mode", "marginal"),
         ("tau", 0.3),
         ("num_classes", None),
         ("n_subprompts", None),
@@ -155,11 +155,11 @@ def test_constructor_signature(name) -> None:
 def test_constructor_defaults_take_effect() -> None:
     loss = promptmix.MixtureOfPromptsLoss()
     assert loss.diversity_weight == 0.1
-    assert loss.entropy_weight == 0.01
+    assert loss.entropy_weight == 0.3
     assert loss.mixture_weight == 1.0
     assert loss.fixed_tau == 0.3 and loss.schedule is None
     assert loss.assigner.mode == "soft" and loss.assigner.scale == 100.0
-    assert loss.entropy.mode == "sample"
+    assert loss.entropy.mode == "marginal"
     schedule = promptmix.TemperatureSchedule(total_steps=10)
     assert (schedule.start, schedule.end, schedule.kind) == (1.0, 0.3, "linear")
 
