@@ -1,0 +1,159 @@
+"""The code the docs show runs, does what the docs say, and the benchmark table is current."""
+
+from __future__ import annotations
+
+import copy
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import pytest
+import torch
+
+from promptmix import MixtureOfPromptsLoss, OffsetMixtureOfPrompts, TemperatureSchedule
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+SNIPPETS = DOCS / "snippets"
+BENCHMARKS = ROOT / "benchmarks"
+INCLUDE = re.compile(r'^--8<-- "([^"]+)"$', re.MULTILINE)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def own_loop() -> dict[str, Any]:
+    return runpy.run_path(str(SNIPPETS / "own_loop.py"))
+
+
+@pytest.fixture(scope="module")
+def trained(own_loop: dict[str, Any]) -> dict[str, Any]:
+    return own_loop["main"]()
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def test_every_included_file_exists() -> None:
+    pages = sorted(DOCS.glob("*.md"))
+    included = [match for page in pages for match in INCLUDE.findall(page.read_text())]
+    assert included, "the docs include no snippet: the pattern is out of date"
+    for path in included:
+        assert (ROOT / path).is_file(), path
+
+
+def test_quickstart_runs_and_reaches_the_subprompts(capsys: pytest.CaptureFixture[str]) -> None:
+    namespace = runpy.run_path(str(SNIPPETS / "quickstart.py"))
+    gradient = namespace["subprompts"].grad
+    assert gradient is not None and torch.isfinite(gradient).all() and gradient.abs().sum() > 0
+    assert set(namespace["out"]) >= {"loss", "ce", "mixture", "diversity", "entropy", "tau"}
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1].startswith("mean sub-prompt cosine")
+
+
+def test_own_loop_learns_and_keeps_the_mixture(trained: dict[str, Any]) -> None:
+    losses = trained["losses"]
+    assert _mean(losses[-20:]) < 0.5 * _mean(losses[:20])
+    assert trained["accuracy"] > 0.9
+    report = trained["report"]
+    assert not report.collapsed, report.message
+    assert report.effective_subprompts > 1.8  # of K = 2
+    # Each sub-prompt of a class claims one look: the assignment recovers the true looks.
+    for label in trained["labels"].unique():
+        mask = trained["labels"] == label
+        claimed, looks = trained["claimed"][mask], trained["looks"][mask]
+        agreement = (claimed == looks).float().mean().item()
+        assert max(agreement, 1 - agreement) > 0.9
+
+
+def test_own_loop_output_in_the_docs_is_current(trained: dict[str, Any]) -> None:
+    """docs/snippets/own_loop.out, shown in the docs, matches a fresh run (to rounding)."""
+    shown = (SNIPPETS / "own_loop.out").read_text().splitlines()
+    assert len(shown) == 5
+    summary = shown[-1].split("; ")[-1]
+    report = trained["report"]
+    assert summary.split(": ")[-1] == report.message.split(": ")[-1]  # the verdict
+    numbers = [float(n) for n in re.findall(r"\d+\.\d+", summary)]
+    expected = [report.mean_cosine, report.dominant_share, report.effective_subprompts]
+    assert numbers == pytest.approx(expected, abs=0.05)
+
+
+def test_own_loop_before_configuration_collapses(own_loop: dict[str, Any]) -> None:
+    result = own_loop["main"](regularise=False)
+    report = result["report"]
+    assert report.collapsed
+    assert report.dominant_share > 0.85
+    assert result["accuracy"] > 0.9  # collapse does not show in accuracy
+
+
+def test_offset_learner_is_free_vectors_under_adam() -> None:
+    """docs/maths.md: offsets from a frozen text feature train like free feature vectors."""
+    model = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=1, head_width=32),
+        text_cfg=dict(width=64, heads=2, layers=1),
+    )
+    prompts = OffsetMixtureOfPrompts(
+        model, open_clip.get_tokenizer("ViT-B-32"), ["cat", "dog", "owl"], n_subprompts=3
+    )
+    free = torch.nn.Parameter((prompts.text_features + prompts.offsets).detach().clone())
+    images, labels = torch.randn(24, 32), torch.arange(3).repeat(8)
+    finals = []
+    for parameters, features in ((prompts.parameters(), prompts), ([free], lambda: free)):
+        schedule = TemperatureSchedule(total_steps=20)
+        loss_fn = MixtureOfPromptsLoss(tau=schedule)
+        optimizer = torch.optim.Adam(parameters, lr=1e-2)
+        for _ in range(20):
+            loss = loss_fn(images, features(), labels)["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        finals.append(torch.nn.functional.normalize(copy.deepcopy(features().detach()), dim=-1))
+    torch.testing.assert_close(finals[0], finals[1], atol=1e-5, rtol=0)
+    assert (finals[0] - prompts.text_features).abs().max() > 0.05  # it did train
+
+
+def test_benchmark_table_lists_the_benchmark_configurations() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import collapse
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    table = (DOCS / "collapse" / "results.md").read_text()
+    rows = {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")}
+    names = {c.name for c in collapse.CONFIGS} | {c.name for c in collapse.sweep_configs()}
+    assert names <= rows, (
+        f"docs/collapse/results.md is stale: rerun benchmarks/collapse.py ({names - rows})"
+    )
+    tuning = (DOCS / "tuning.md").read_text()
+    for image in re.findall(r"\]\((collapse/[^)]+\.png)\)", tuning):
+        assert (DOCS / image).is_file(), image
+
+
+def test_benchmark_quick_run(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "collapse.py"),
+            "--quick",
+            "--no-sweep",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "wall time" in completed.stdout
+    table = (tmp_path / "results.md").read_text()
+    assert "before (design note)" in table and "recommended" in table
+    for name in ("metrics.png", "training.png", "usage.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
