@@ -16,7 +16,7 @@ from torch import nn
 from promptmix.prompts import MixtureOfPrompts, OffsetMixtureOfPrompts
 from promptmix.text_tower import TextTower, encode_by_length
 
-CLASSNAMES_FILE = Path(__file__).resolve().parents[2] / "shared/data/stanford_cars_classnames.txt"
+CLASSNAMES_FILE = Path(__file__).resolve().parents[1] / "benchmarks/stanford_cars_classnames.txt"
 NAMES = ["cat", "red panda", "AM General Hummer SUV 2000", "Rolls-Royce Phantom Drophead Coupe"]
 VISION = dict(image_size=32, patch_size=8, width=64, layers=1, head_width=32)
 TEXT = dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)
