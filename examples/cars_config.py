@@ -63,6 +63,8 @@ class ModelConfig:
     em_tau_schedule: str = "linear"
     #: E-step: ``"soft"`` (posterior), ``"hard"`` (one-hot argmax) or ``"sinkhorn"`` (balanced).
     assignment: str = "soft"
+    #: Sinkhorn-Knopp rounds of ``assignment: sinkhorn``.
+    sinkhorn_iterations: int = 3
     #: what the entropy term spreads: ``"marginal"`` (per-class usage; promptmix's default),
     #: ``"sample"`` (the design note's) or ``"mutual_information"``.
     entropy_mode: str = "marginal"

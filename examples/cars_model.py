@@ -163,6 +163,7 @@ def build_objective(
         mixture_weight=model.mixture_loss_weight,
         aggregation=model.aggregation,
         assignment=model.assignment,
+        sinkhorn_iterations=model.sinkhorn_iterations,
         entropy_mode=model.entropy_mode,
         tau=schedule,
         num_classes=num_classes,

@@ -22,10 +22,10 @@ from cars_fixtures import (
 
 pytestmark = pytest.mark.distributed
 
-# Terms the global batch determines: with marginal entropy gathered across processes, two
-# processes with 4 images each must report what one process with those 8 images reports.
-# (The diversity term covers the classes of each process's own batch, so it is not compared.)
-GLOBAL_BATCH_TERMS = ("ce", "mixture", "entropy", "tau", "lr")
+# Terms the global batch determines: with marginal entropy and the diversity term's classes
+# gathered across processes, two processes with 4 images each must report what one process with
+# those 8 images reports, total loss included.
+GLOBAL_BATCH_TERMS = ("loss", "ce", "mixture", "diversity", "entropy", "tau", "lr")
 
 
 def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
