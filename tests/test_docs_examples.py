@@ -157,3 +157,14 @@ def test_benchmark_quick_run(tmp_path: Path) -> None:
     assert "before (design note)" in table and "recommended" in table
     for name in ("metrics.png", "training.png", "usage.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    assert len(blocks) == 1, "README should show exactly one Python example"
+    namespace: dict[str, Any] = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert namespace["subprompts"].grad.abs().sum() > 0
+    assert namespace["loss_fn"].schedule.step_count.item() == 1
+    assert capsys.readouterr().out.startswith("mean sub-prompt cosine")
