@@ -164,7 +164,11 @@ def detect_collapse(
     mean_cosine = cosine.mean().item()
     message = (
         f"mean sub-prompt cosine {mean_cosine:.3f}"
-        + (f", dominant share {share:.3f}, effective sub-prompts {effective:.2f}" if share else "")
+        + (
+            f", dominant share {share:.3f}, effective sub-prompts {effective:.2f}"
+            if share is not None
+            else ""
+        )
         + (
             f": collapse in {len(classes)}/{len(cosine)} classes (cosine > {cosine_threshold}"
             f" or dominant share > {share_threshold})"
