@@ -294,10 +294,7 @@ def subprompt_similarities(image_features: Tensor, subprompt_features: Tensor) -
         >>> subprompt_similarities(torch.ones(5, 8), torch.ones(3, 2, 8)).shape
         torch.Size([5, 3, 2])
     """
-    check_rank("image_features", image_features, (2,), "(batch, dim)")
-    check_rank("subprompt_features", subprompt_features, (3,), SUBPROMPT_SHAPE)
-    check_subprompts("subprompt_features", subprompt_features, 1)
-    _check_dims(image_features, subprompt_features)
+    _check_features(image_features, subprompt_features)
     images = _unit(image_features)
     prompts = _unit(subprompt_features)
     return einsum(images, prompts.to(images.dtype), "b d, c k d -> b c k")
@@ -317,10 +314,7 @@ def own_class_similarities(
     Returns:
         ``(batch, K)``.
     """
-    check_rank("image_features", image_features, (2,), "(batch, dim)")
-    check_rank("subprompt_features", subprompt_features, (3,), SUBPROMPT_SHAPE)
-    check_subprompts("subprompt_features", subprompt_features, 1)
-    _check_dims(image_features, subprompt_features)
+    _check_features(image_features, subprompt_features)
     batch = image_features.shape[0]
     if labels is None:
         if subprompt_features.shape[0] != batch:
@@ -338,7 +332,11 @@ def own_class_similarities(
     return einsum(images, prompts, "b d, b k d -> b k")
 
 
-def _check_dims(image_features: Tensor, subprompt_features: Tensor) -> None:
+def _check_features(image_features: Tensor, subprompt_features: Tensor) -> None:
+    """Ranks, ``K >= 1`` and a shared feature dimension of images and sub-prompts."""
+    check_rank("image_features", image_features, (2,), "(batch, dim)")
+    check_rank("subprompt_features", subprompt_features, (3,), SUBPROMPT_SHAPE)
+    check_subprompts("subprompt_features", subprompt_features, 1)
     if image_features.shape[-1] != subprompt_features.shape[-1]:
         raise ValueError(
             f"image_features and subprompt_features must share the last dimension, but "
