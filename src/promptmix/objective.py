@@ -1,4 +1,4 @@
-"""``MixtureOfPromptsLoss``: classification, EM pull, diversity and entropy in one objective."""
+"""`MixtureOfPromptsLoss`: classification, EM pull, diversity and entropy in one objective."""
 
 from __future__ import annotations
 
@@ -31,53 +31,54 @@ def _weight(name: str, value: float | None, default: float) -> float:
 class MixtureOfPromptsLoss(nn.Module):
     r"""The training objective of a mixture of prompts, with the cure for mode collapse built in.
 
-    .. math::
-        L = \mathrm{CE}(\ell(x), y)
-          + w_m \frac{1}{B}\sum_{b,k} \bar\gamma_{bk}\,(1 - \cos(x_b, t_{y_b k}))
-          + w_d\,\mathrm{Div}(t_{\text{batch classes}})
-          - w_e\,H(\gamma)
+    $$
+    L = \mathrm{CE}(\ell(x), y)
+      + w_m \frac{1}{B}\sum_{b,k} \bar\gamma_{bk}\,(1 - \cos(x_b, t_{y_b k}))
+      + w_d\,\mathrm{Div}(t_{\text{batch classes}})
+      - w_e\,H(\gamma)
+    $$
 
-    - ``ce``: cross-entropy of class logits that pool each class's K similarities
-      (``aggregation``, default ``"logsumexp"``: the mixture's log-likelihood, see
-      :func:`promptmix.functional.class_logits`).
-    - ``mixture``: the EM M-step: each sub-prompt is pulled toward the images assigned to it, with
-      the assigner's responsibilities :math:`\bar\gamma` *detached* (they are targets).
-    - ``diversity``: :class:`DiversityLoss` over the classes present in the batch.
-    - ``entropy``: :class:`AssignmentEntropy` of the *soft* responsibilities at ``tau``, with their
-      gradient, so maximising it moves the sub-prompts. Skipped with ``assignment="hard"`` (as in
+    - `ce`: cross-entropy of class logits that pool each class's K similarities
+      (`aggregation`, default `"logsumexp"`: the mixture's log-likelihood, see
+      `promptmix.functional.class_logits`).
+    - `mixture`: the EM M-step: each sub-prompt is pulled toward the images assigned to it, with
+      the assigner's responsibilities $\bar\gamma$ *detached* (they are targets).
+    - `diversity`: `DiversityLoss` over the classes present in the batch.
+    - `entropy`: `AssignmentEntropy` of the *soft* responsibilities at `tau`, with their
+      gradient, so maximising it moves the sub-prompts. Skipped with `assignment="hard"` (as in
       the design note: hard assignments have no entropy to spread).
 
-    A weight left as ``None`` takes its default (diversity 0.1, entropy 0.3, mixture 1.0); a
+    A weight left as `None` takes its default (diversity 0.1, entropy 0.3, mixture 1.0); a
     weight of 0 switches its term off (it is reported as a graph-connected zero and not computed).
 
     Args:
-        diversity_weight: :math:`w_d \ge 0`.
-        entropy_weight: :math:`w_e \ge 0`.
-        mixture_weight: :math:`w_m \ge 0`.
-        aggregation: how class logits pool the K sub-prompts: ``"logsumexp"``, ``"max"``,
-            ``"mean"`` or ``"responsibility"``.
-        assignment: E-step mode for the EM targets: ``"soft"``, ``"hard"`` or ``"sinkhorn"``.
-        entropy_mode: ``"marginal"`` (default), ``"sample"`` or ``"mutual_information"``. The
+        diversity_weight: $w_d \ge 0$.
+        entropy_weight: $w_e \ge 0$.
+        mixture_weight: $w_m \ge 0$.
+        aggregation: how class logits pool the K sub-prompts: `"logsumexp"`, `"max"`,
+            `"mean"` or `"responsibility"`.
+        assignment: E-step mode for the EM targets: `"soft"`, `"hard"` or `"sinkhorn"`.
+        entropy_mode: `"marginal"` (default), `"sample"` or `"mutual_information"`. The
             design note's sample entropy at 0.01 does not stop collapse in
-            ``benchmarks/collapse.py``; marginal entropy at 0.3 does (``docs/tuning.md``).
-        tau: a fixed temperature, or a :class:`TemperatureSchedule` (stored as ``self.schedule``,
-            saved in ``state_dict``; call ``schedule.step()`` once per iteration yourself).
-        num_classes: with ``n_subprompts``, keeps a running usage estimate for marginal entropy.
-        n_subprompts: ``K``, with ``num_classes``.
-        assigner_scale: similarity scale of the E-step (see :class:`SoftEMAssigner`).
-        sinkhorn_iterations: normalisation rounds of ``assignment="sinkhorn"``.
-        diversity: a configured :class:`DiversityLoss` to use instead of the default one.
+            `benchmarks/collapse.py`; marginal entropy at 0.3 does (`docs/tuning.md`).
+        tau: a fixed temperature, or a `TemperatureSchedule` (stored as `self.schedule`,
+            saved in `state_dict`; call `schedule.step()` once per iteration yourself).
+        num_classes: with `n_subprompts`, keeps a running usage estimate for marginal entropy.
+        n_subprompts: `K`, with `num_classes`.
+        assigner_scale: similarity scale of the E-step (see `SoftEMAssigner`).
+        sinkhorn_iterations: normalisation rounds of `assignment="sinkhorn"`.
+        diversity: a configured `DiversityLoss` to use instead of the default one.
         sync_distributed: gather batch statistics (Sinkhorn, marginal entropy, the classes whose
             sub-prompts the diversity term sees) across DDP processes.
 
     Shape:
-        - image_features: ``(batch, dim)``.
-        - subprompt_features: ``(num_classes, K, dim)``.
-        - labels: ``(batch,)`` integer classes in ``[0, num_classes)``.
-        - output: a dict of tensors: ``"loss"``, ``"ce"``, ``"mixture"``, ``"diversity"``,
-          ``"entropy"`` (scalars; ``"entropy"`` is the unweighted, positive entropy), ``"tau"``
-          (0-dim), ``"logits"`` ``(batch, num_classes)`` and ``"responsibilities"``
-          ``(batch, K)``, the EM targets (both detached).
+        - image_features: `(batch, dim)`.
+        - subprompt_features: `(num_classes, K, dim)`.
+        - labels: `(batch,)` integer classes in `[0, num_classes)`.
+        - output: a dict of tensors: `"loss"`, `"ce"`, `"mixture"`, `"diversity"`,
+          `"entropy"` (scalars; `"entropy"` is the unweighted, positive entropy), `"tau"`
+          (0-dim), `"logits"` `(batch, num_classes)` and `"responsibilities"`
+          `(batch, K)`, the EM targets (both detached).
 
     Examples:
         >>> import torch
@@ -169,7 +170,7 @@ class MixtureOfPromptsLoss(nn.Module):
             tau=tau,
             assigner_scale=self.assigner.scale,
         )
-        # ``.long()``: cross_entropy rejects int32 targets that every other step accepts.
+        # `.long()`: cross_entropy rejects int32 targets that every other step accepts.
         ce = F.cross_entropy(logits, labels.long()) if batch else zero
 
         targets = self.assigner.from_similarities(own.detach(), labels, tau=tau)

@@ -23,7 +23,7 @@ SUBPROMPT_SHAPE = "(num_classes, K, dim)"
 
 
 def connected_zero(*tensors: Tensor) -> Tensor:
-    """A scalar zero that is part of the graph of ``tensors``, so ``backward()`` never fails.
+    """A scalar zero that is part of the graph of `tensors`, so `backward()` never fails.
 
     Examples:
         >>> x = torch.ones(2, 3, requires_grad=True)
@@ -37,8 +37,8 @@ def connected_zero(*tensors: Tensor) -> Tensor:
 def _unit(features: Tensor) -> Tensor:
     """L2-normalise the last dimension; a zero vector maps to zero, with zero gradient.
 
-    Not ``F.normalize``: its ``eps = 1e-12`` rounds to 0 in float16 (a zero vector gives
-    ``0 / 0 = NaN``), and any ``eps`` gives a zero vector the gradient ``1 / eps``, which
+    Not `F.normalize`: its `eps = 1e-12` rounds to 0 in float16 (a zero vector gives
+    `0 / 0 = NaN`), and any `eps` gives a zero vector the gradient `1 / eps`, which
     overflows float16 and is ~1e12 in float32. A zero vector has no direction to move along.
     """
     norm = torch.linalg.vector_norm(features, dim=-1, keepdim=True)

@@ -20,21 +20,22 @@ def diversity_loss(
 ) -> Tensor:
     r"""Mean penalised pairwise cosine between each class's sub-prompts.
 
-    .. math::
-        L = \frac{1}{C} \sum_c \frac{2}{K(K-1)} \sum_{i<j}
-            \max\left(0, |\cos(t_{ci}, t_{cj})| - m\right)^p
+    $$
+    L = \frac{1}{C} \sum_c \frac{2}{K(K-1)} \sum_{i<j}
+        \max\left(0, |\cos(t_{ci}, t_{cj})| - m\right)^p
+    $$
 
-    With the defaults (``p = 2``, ``m = 0``) this is the mean squared cosine: identical sub-prompts
-    give 1, mutually orthogonal ones give 0. Similarities with ``|cos| <= margin`` cost nothing.
+    With the defaults (`p = 2`, `m = 0`) this is the mean squared cosine: identical sub-prompts
+    give 1, mutually orthogonal ones give 0. Similarities with `|cos| <= margin` cost nothing.
 
     Args:
-        subprompt_features: ``(num_classes, K, dim)``.
-        power: exponent ``p >= 1`` applied to the penalised similarity.
-        margin: ``m`` in ``[0, 1)``, the similarity below which pairs are not penalised.
-        reduction: ``"mean"`` or ``"sum"`` over classes, or ``"none"`` for ``(num_classes,)``.
+        subprompt_features: `(num_classes, K, dim)`.
+        power: exponent `p >= 1` applied to the penalised similarity.
+        margin: `m` in `[0, 1)`, the similarity below which pairs are not penalised.
+        reduction: `"mean"` or `"sum"` over classes, or `"none"` for `(num_classes,)`.
 
     Returns:
-        A scalar, or ``(num_classes,)`` with ``reduction="none"``. ``K == 1`` (no pairs) or no
+        A scalar, or `(num_classes,)` with `reduction="none"`. `K == 1` (no pairs) or no
         classes give zeros that are still connected to the graph.
 
     Examples:

@@ -19,24 +19,24 @@ from promptmix.functional._common import ENTROPY_MODES, EntropyMode, connected_z
 
 
 def entropy(probabilities: Tensor, dim: int = -1) -> Tensor:
-    r"""Shannon entropy in nats, :math:`H(p) = -\sum_k p_k \log p_k`, safe at ``p_k = 0``.
+    r"""Shannon entropy in nats, $H(p) = -\sum_k p_k \log p_k$, safe at `p_k = 0`.
 
-    The logarithm is taken of ``p`` clamped to the dtype's smallest normal number, so zero
-    probabilities contribute exactly 0 with a finite gradient (``p log p`` would give NaN).
+    The logarithm is taken of `p` clamped to the dtype's smallest normal number, so zero
+    probabilities contribute exactly 0 with a finite gradient (`p log p` would give NaN).
 
     Args:
-        probabilities: ``(..., K)`` distributions along ``dim``.
+        probabilities: `(..., K)` distributions along `dim`.
         dim: the dimension that holds the distribution.
 
     Returns:
-        ``(...)``: the entropy of each distribution, between 0 and ``log K``.
+        `(...)`: the entropy of each distribution, between 0 and `log K`.
 
     Examples:
         >>> entropy(torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
         tensor([0.6931, 0.0000])
     """
     tiny = torch.finfo(probabilities.dtype).tiny
-    # ``0.0 - x`` rather than ``-x``: a certain distribution reads 0., not -0.
+    # `0.0 - x` rather than `-x`: a certain distribution reads 0., not -0.
     return 0.0 - (probabilities * probabilities.clamp_min(tiny).log()).sum(dim=dim)
 
 
@@ -46,12 +46,12 @@ def class_mean_responsibilities(
     """Mean responsibility of each class present in the batch.
 
     Args:
-        responsibilities: ``(batch, K)``.
-        labels: ``(batch,)`` integer classes, or ``None`` for a single class ``0``.
+        responsibilities: `(batch, K)`.
+        labels: `(batch,)` integer classes, or `None` for a single class `0`.
 
     Returns:
-        ``(classes, means, counts)``: the sorted classes present ``(num_present,)``, their mean
-        assignments ``(num_present, K)`` and their numbers of images ``(num_present,)``.
+        `(classes, means, counts)`: the sorted classes present `(num_present,)`, their mean
+        assignments `(num_present, K)` and their numbers of images `(num_present,)`.
 
     Examples:
         >>> gamma = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
@@ -77,7 +77,7 @@ def _blended_class_means(
     usage_prior: Tensor | None,
     prior_count: float,
 ) -> Tensor:
-    """Per class in the batch, ``(sum_b gamma_b + n0 * u_c) / (n_c + n0)``: ``(num_present, K)``."""
+    """Per class in the batch, `(sum_b gamma_b + n0 * u_c) / (n_c + n0)`: `(num_present, K)`."""
     classes, means, counts = class_mean_responsibilities(responsibilities, labels)
     if usage_prior is None or prior_count == 0:
         return means
@@ -98,29 +98,29 @@ def assignment_entropy(
 ) -> Tensor:
     r"""Entropy of sub-prompt assignments, in nats; a regulariser *maximises* it.
 
-    - ``"sample"``: :math:`\frac{1}{B}\sum_b H(\gamma_b)`, every image spread over sub-prompts.
-    - ``"marginal"``: for each class ``c`` in the batch, :math:`H(\bar\gamma_c)` of the class's mean
+    - `"sample"`: $\frac{1}{B}\sum_b H(\gamma_b)$, every image spread over sub-prompts.
+    - `"marginal"`: for each class `c` in the batch, $H(\bar\gamma_c)$ of the class's mean
       assignment, averaged over classes: spreads *usage* without making each image uncertain.
-    - ``"mutual_information"``: per class, :math:`H(\bar\gamma_c) - \frac{1}{n_c}\sum_{b \in c}
-      H(\gamma_b)`, averaged over classes: spread usage, confident images. Without a usage prior
-      it is a mutual information, so it lies in ``[0, log K]``.
+    - `"mutual_information"`: per class, $H(\bar\gamma_c) - \frac{1}{n_c}\sum_{b \in c}
+      H(\gamma_b)$, averaged over classes: spread usage, confident images. Without a usage prior
+      it is a mutual information, so it lies in `[0, log K]`.
 
     A class with few images in a batch has a noisy mean (with one image the marginal entropy *is*
-    the sample entropy). ``usage_prior`` fixes that: the class mean becomes
-    :math:`(\sum_{b \in c} \gamma_b + n_0 u_c) / (n_c + n_0)` with a running usage estimate
-    :math:`u_c` (treated as a constant) worth ``prior_count`` = :math:`n_0` images. The gradient
+    the sample entropy). `usage_prior` fixes that: the class mean becomes
+    $(\sum_{b \in c} \gamma_b + n_0 u_c) / (n_c + n_0)$ with a running usage estimate
+    $u_c$ (treated as a constant) worth `prior_count` = $n_0$ images. The gradient
     then still pushes the batch's images toward the sub-prompts the class under-uses.
 
     Args:
-        responsibilities: ``(batch, K)`` rows on the probability simplex.
-        labels: ``(batch,)`` integer class of each image; ``None`` treats the batch as one class.
-        mode: ``"sample"``, ``"marginal"`` or ``"mutual_information"``.
-        normalize: divide by ``log K`` so the value lies in ``[0, 1]``.
-        usage_prior: ``(num_classes, K)`` running usage per class (simplex rows), or ``None``.
-        prior_count: weight ``n_0 >= 0`` of the prior, in images.
+        responsibilities: `(batch, K)` rows on the probability simplex.
+        labels: `(batch,)` integer class of each image; `None` treats the batch as one class.
+        mode: `"sample"`, `"marginal"` or `"mutual_information"`.
+        normalize: divide by `log K` so the value lies in `[0, 1]`.
+        usage_prior: `(num_classes, K)` running usage per class (simplex rows), or `None`.
+        prior_count: weight `n_0 >= 0` of the prior, in images.
 
     Returns:
-        A scalar. An empty batch or ``K == 1`` gives a graph-connected zero.
+        A scalar. An empty batch or `K == 1` gives a graph-connected zero.
 
     Examples:
         >>> uniform = torch.full((4, 2), 0.5)

@@ -21,18 +21,18 @@ from promptmix.functional.similarity import own_class_similarities
 def sinkhorn(scores: Tensor, groups: Tensor | None = None, *, iterations: int = 3) -> Tensor:
     """Balanced (equipartitioned) assignment of each group's rows over the K columns.
 
-    Sinkhorn-Knopp as in SwAV: starting from ``softmax(scores)``, alternately make every column of
+    Sinkhorn-Knopp as in SwAV: starting from `softmax(scores)`, alternately make every column of
     a group sum to the same mass and every row sum to 1. The result has rows on the simplex and,
     within each group, sub-prompt usage close to uniform. A group of one row ends uniform: balance
     needs several images per class in a batch (class-balanced sampling). No gradient flows.
 
     Args:
-        scores: ``(batch, K)`` logits, e.g. ``scale * cosine / tau``.
-        groups: ``(batch,)`` integer group of each row (the class), or ``None`` for one group.
-        iterations: number of column/row normalisation rounds, ``>= 1``.
+        scores: `(batch, K)` logits, e.g. `scale * cosine / tau`.
+        groups: `(batch,)` integer group of each row (the class), or `None` for one group.
+        iterations: number of column/row normalisation rounds, `>= 1`.
 
     Returns:
-        ``(batch, K)`` responsibilities.
+        `(batch, K)` responsibilities.
 
     Examples:
         >>> scores = torch.tensor([[5.0, 0.0], [4.0, 0.0], [3.0, 0.0], [2.0, 0.0]])
@@ -66,18 +66,18 @@ def responsibilities_from_similarities(
     mode: AssignmentMode = "soft",
     sinkhorn_iterations: int = 3,
 ) -> Tensor:
-    """E-step from precomputed own-class similarities; see :func:`responsibilities`.
+    """E-step from precomputed own-class similarities; see `responsibilities`.
 
     Args:
-        similarities: ``(batch, K)`` cosine of each image to its class's sub-prompts.
-        labels: ``(batch,)`` the class of each image (groups for ``"sinkhorn"``), or ``None``.
-        tau: temperature ``> 0``.
-        scale: similarity scale ``> 0``.
-        mode: ``"soft"``, ``"hard"`` or ``"sinkhorn"``.
-        sinkhorn_iterations: rounds for ``"sinkhorn"``.
+        similarities: `(batch, K)` cosine of each image to its class's sub-prompts.
+        labels: `(batch,)` the class of each image (groups for `"sinkhorn"`), or `None`.
+        tau: temperature `> 0`.
+        scale: similarity scale `> 0`.
+        mode: `"soft"`, `"hard"` or `"sinkhorn"`.
+        sinkhorn_iterations: rounds for `"sinkhorn"`.
 
     Returns:
-        ``(batch, K)`` rows on the simplex.
+        `(batch, K)` rows on the simplex.
     """
     check_rank("similarities", similarities, (2,), "(batch, K)")
     check_subprompts("similarities", similarities, -1)
@@ -105,32 +105,33 @@ def responsibilities(
 ) -> Tensor:
     r"""E-step: how much each sub-prompt of an image's class is responsible for the image.
 
-    .. math::
-        \gamma_{bk} = \operatorname{softmax}_k\left(s \cos(x_b, t_{y_b k}) / \tau\right)
+    $$
+    \gamma_{bk} = \operatorname{softmax}_k\left(s \cos(x_b, t_{y_b k}) / \tau\right)
+    $$
 
-    The similarity scale ``s`` defaults to 100, CLIP's learned logit scale, so ``tau = 1`` assigns
-    exactly as CLIP's own classifier would score the sub-prompts; ``tau < 1`` sharpens, ``tau > 1``
+    The similarity scale `s` defaults to 100, CLIP's learned logit scale, so `tau = 1` assigns
+    exactly as CLIP's own classifier would score the sub-prompts; `tau < 1` sharpens, `tau > 1`
     softens. CLIP cosines between sub-prompts of one class differ by a few hundredths, so at
-    ``tau = 0.05`` (logit gaps of ~20-100) assignments are effectively hard, at ``0.3`` still soft.
+    `tau = 0.05` (logit gaps of ~20-100) assignments are effectively hard, at `0.3` still soft.
 
-    - ``"soft"``: the softmax above; it **carries gradient**, so an entropy regulariser on it moves
+    - `"soft"`: the softmax above; it **carries gradient**, so an entropy regulariser on it moves
       the sub-prompts.
-    - ``"hard"``: one-hot argmax of the soft responsibilities (no gradient).
-    - ``"sinkhorn"``: balanced assignment of each class's images over its sub-prompts
-      (:func:`sinkhorn`, no gradient).
+    - `"hard"`: one-hot argmax of the soft responsibilities (no gradient).
+    - `"sinkhorn"`: balanced assignment of each class's images over its sub-prompts
+      (`sinkhorn`, no gradient).
 
     Args:
-        image_features: ``(batch, dim)``.
-        subprompt_features: ``(num_classes, K, dim)`` indexed by ``labels``, or ``(batch, K, dim)``
-            already gathered per image when ``labels`` is ``None``.
-        labels: ``(batch,)`` integer class of each image, or ``None``.
-        tau: temperature ``> 0``.
-        scale: similarity scale ``s > 0``.
-        mode: ``"soft"``, ``"hard"`` or ``"sinkhorn"``.
-        sinkhorn_iterations: rounds for ``"sinkhorn"``, ``>= 1``.
+        image_features: `(batch, dim)`.
+        subprompt_features: `(num_classes, K, dim)` indexed by `labels`, or `(batch, K, dim)`
+            already gathered per image when `labels` is `None`.
+        labels: `(batch,)` integer class of each image, or `None`.
+        tau: temperature `> 0`.
+        scale: similarity scale `s > 0`.
+        mode: `"soft"`, `"hard"` or `"sinkhorn"`.
+        sinkhorn_iterations: rounds for `"sinkhorn"`, `>= 1`.
 
     Returns:
-        ``(batch, K)`` non-negative rows summing to 1.
+        `(batch, K)` non-negative rows summing to 1.
 
     Examples:
         >>> images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

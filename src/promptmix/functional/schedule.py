@@ -17,24 +17,24 @@ def temperature_at(
     kind: ScheduleKind = "linear",
     warmup_steps: int = 0,
 ) -> float:
-    r"""The annealed temperature after ``step`` steps.
+    r"""The annealed temperature after `step` steps.
 
-    ``tau`` stays at ``start`` for ``warmup_steps``, then moves monotonically to ``end`` at
-    ``total_steps`` and stays there. With progress :math:`t \in [0, 1]`:
-    linear :math:`\tau_0 + (\tau_1 - \tau_0) t`, cosine
-    :math:`\tau_1 + (\tau_0 - \tau_1)\frac{1 + \cos \pi t}{2}`, exponential
-    :math:`\tau_0 (\tau_1 / \tau_0)^t`.
+    `tau` stays at `start` for `warmup_steps`, then moves monotonically to `end` at
+    `total_steps` and stays there. With progress $t \in [0, 1]$:
+    linear $\tau_0 + (\tau_1 - \tau_0) t$, cosine
+    $\tau_1 + (\tau_0 - \tau_1)\frac{1 + \cos \pi t}{2}$, exponential
+    $\tau_0 (\tau_1 / \tau_0)^t$.
 
     Args:
-        step: number of steps taken, ``>= 0``.
-        start: ``tau`` at step 0, ``> 0``.
-        end: ``tau`` from ``total_steps`` on, ``> 0``.
-        total_steps: step at which ``end`` is reached, ``>= 1``.
-        kind: ``"linear"``, ``"cosine"`` or ``"exponential"``.
-        warmup_steps: steps held at ``start``, in ``[0, total_steps)``.
+        step: number of steps taken, `>= 0`.
+        start: `tau` at step 0, `> 0`.
+        end: `tau` from `total_steps` on, `> 0`.
+        total_steps: step at which `end` is reached, `>= 1`.
+        kind: `"linear"`, `"cosine"` or `"exponential"`.
+        warmup_steps: steps held at `start`, in `[0, total_steps)`.
 
     Returns:
-        ``tau`` as a Python float: exactly ``start`` at step 0, exactly ``end`` at ``total_steps``.
+        `tau` as a Python float: exactly `start` at step 0, exactly `end` at `total_steps`.
 
     Examples:
         >>> [round(temperature_at(s, start=1.0, end=0.3, total_steps=4), 3) for s in range(6)]

@@ -22,10 +22,10 @@ def pairwise_cosine(subprompt_features: Tensor) -> Tensor:
     """Cosine similarity between every pair of a class's sub-prompts.
 
     Args:
-        subprompt_features: ``(num_classes, K, dim)`` sub-prompt features, normalised or not.
+        subprompt_features: `(num_classes, K, dim)` sub-prompt features, normalised or not.
 
     Returns:
-        ``(num_classes, K, K)`` cosine similarities; the diagonal is 1 (0 for a zero vector).
+        `(num_classes, K, K)` cosine similarities; the diagonal is 1 (0 for a zero vector).
 
     Examples:
         >>> pairwise_cosine(torch.eye(2).unsqueeze(0))
@@ -42,11 +42,11 @@ def subprompt_similarities(image_features: Tensor, subprompt_features: Tensor) -
     """Cosine similarity of every image to every sub-prompt of every class.
 
     Args:
-        image_features: ``(batch, dim)``.
-        subprompt_features: ``(num_classes, K, dim)``.
+        image_features: `(batch, dim)`.
+        subprompt_features: `(num_classes, K, dim)`.
 
     Returns:
-        ``(batch, num_classes, K)``.
+        `(batch, num_classes, K)`.
 
     Examples:
         >>> subprompt_similarities(torch.ones(5, 8), torch.ones(3, 2, 8)).shape
@@ -64,13 +64,13 @@ def own_class_similarities(
     """Cosine similarity of each image to the K sub-prompts of its own class.
 
     Args:
-        image_features: ``(batch, dim)``.
-        subprompt_features: ``(num_classes, K, dim)`` with ``labels``, or ``(batch, K, dim)``
-            already gathered per image when ``labels`` is ``None``.
-        labels: ``(batch,)`` integer class of each image, or ``None``.
+        image_features: `(batch, dim)`.
+        subprompt_features: `(num_classes, K, dim)` with `labels`, or `(batch, K, dim)`
+            already gathered per image when `labels` is `None`.
+        labels: `(batch,)` integer class of each image, or `None`.
 
     Returns:
-        ``(batch, K)``.
+        `(batch, K)`.
     """
     _check_features(image_features, subprompt_features)
     batch = image_features.shape[0]
@@ -91,7 +91,7 @@ def own_class_similarities(
 
 
 def _check_features(image_features: Tensor, subprompt_features: Tensor) -> None:
-    """Ranks, ``K >= 1`` and a shared feature dimension of images and sub-prompts."""
+    """Ranks, `K >= 1` and a shared feature dimension of images and sub-prompts."""
     check_rank("image_features", image_features, (2,), "(batch, dim)")
     check_rank("subprompt_features", subprompt_features, (3,), SUBPROMPT_SHAPE)
     check_subprompts("subprompt_features", subprompt_features, 1)
@@ -113,25 +113,25 @@ def class_logits(
 ) -> Tensor:
     r"""Classification logits that pool each class's K sub-prompt similarities.
 
-    - ``"logsumexp"`` (default): :math:`\log \frac{1}{K} \sum_k e^{s \cos_{bck}}`, the
+    - `"logsumexp"` (default): $\log \frac{1}{K} \sum_k e^{s \cos_{bck}}$, the
       log-likelihood of a uniform mixture of the K sub-prompts. Cross-entropy on it is the
       mixture's negative log-likelihood; each sub-prompt gets gradient in proportion to its
       posterior (a built-in E-step); it is smooth, and equals CoOp's logit exactly when
-      ``K == 1`` or the sub-prompts agree.
-    - ``"max"``: :math:`s \max_k \cos_{bck}`: only the best sub-prompt gets gradient.
-    - ``"mean"``: :math:`s \frac{1}{K}\sum_k \cos_{bck}`: the averaged prompt ensemble.
-    - ``"responsibility"``: :math:`s \sum_k \gamma_{bck} \cos_{bck}` with weights
-      ``softmax(assigner_scale * cos / tau)`` treated as constants (an E-step).
+      `K == 1` or the sub-prompts agree.
+    - `"max"`: $s \max_k \cos_{bck}$: only the best sub-prompt gets gradient.
+    - `"mean"`: $s \frac{1}{K}\sum_k \cos_{bck}$: the averaged prompt ensemble.
+    - `"responsibility"`: $s \sum_k \gamma_{bck} \cos_{bck}$ with weights
+      `softmax(assigner_scale * cos / tau)` treated as constants (an E-step).
 
     Args:
-        similarities: ``(batch, num_classes, K)`` cosines from :func:`subprompt_similarities`.
-        logit_scale: ``s``, a positive float or a 0-dim tensor (e.g. CLIP's ``logit_scale.exp()``).
-        aggregation: ``"logsumexp"``, ``"max"``, ``"mean"`` or ``"responsibility"``.
-        tau: temperature of the ``"responsibility"`` weights.
-        assigner_scale: similarity scale of the ``"responsibility"`` weights.
+        similarities: `(batch, num_classes, K)` cosines from `subprompt_similarities`.
+        logit_scale: `s`, a positive float or a 0-dim tensor (e.g. CLIP's `logit_scale.exp()`).
+        aggregation: `"logsumexp"`, `"max"`, `"mean"` or `"responsibility"`.
+        tau: temperature of the `"responsibility"` weights.
+        assigner_scale: similarity scale of the `"responsibility"` weights.
 
     Returns:
-        ``(batch, num_classes)`` logits.
+        `(batch, num_classes)` logits.
 
     Examples:
         >>> sims = torch.tensor([[[0.5, 0.5], [0.1, 0.3]]])
