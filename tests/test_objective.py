@@ -58,7 +58,12 @@ def make_loss(
     n_subprompts: int | None = None,
     **kwargs,
 ) -> MixtureOfPromptsLoss:
-    """The loss with its assigner and entropy configured from flat test parameters."""
+    """The loss with its assigner and entropy configured from flat test parameters.
+
+    Every term is on with fixed weights (diversity 0.1, entropy 0.3, mixture 1) unless a test
+    says otherwise, so the tests do not depend on the library's default weights.
+    """
+    kwargs = {"diversity_weight": 0.1, "entropy_weight": 0.3, "mixture_weight": 1.0} | kwargs
     return MixtureOfPromptsLoss(
         assigner=SoftEMAssigner(assignment, scale=assigner_scale),
         entropy=AssignmentEntropy(
@@ -119,15 +124,15 @@ class TestMixtureOfPromptsLoss:
     def test_default_weights(self) -> None:
         loss_fn = MixtureOfPromptsLoss()
         assert (loss_fn.diversity_weight, loss_fn.entropy_weight, loss_fn.mixture_weight) == (
-            0.1,
-            0.3,
+            0.0,
             1.0,
+            10.0,
         )
         explicit_none = MixtureOfPromptsLoss(
             diversity_weight=None, entropy_weight=None, mixture_weight=None
         )
-        assert explicit_none.diversity_weight == 0.1 and explicit_none.entropy_weight == 0.3
-        assert explicit_none.mixture_weight == 1.0
+        assert explicit_none.diversity_weight == 0.0 and explicit_none.entropy_weight == 1.0
+        assert explicit_none.mixture_weight == 10.0
         off = MixtureOfPromptsLoss(diversity_weight=0, entropy_weight=0.0, mixture_weight=0)
         assert (off.diversity_weight, off.entropy_weight, off.mixture_weight) == (0.0, 0.0, 0.0)
 
@@ -224,7 +229,7 @@ class TestMixtureOfPromptsLoss:
         out = make_loss(assigner_scale=5.0, tau=0.5)(IMAGES, PROMPTS, LABELS)
         assert out["diversity"].item() == pytest.approx(0.36, rel=1e-6)
         # Only class 0 present: its pair alone.
-        only0 = MixtureOfPromptsLoss()(IMAGES[:1], PROMPTS, LABELS[:1])
+        only0 = MixtureOfPromptsLoss(diversity_weight=0.1)(IMAGES[:1], PROMPTS, LABELS[:1])
         assert only0["diversity"].item() == pytest.approx(0.36, rel=1e-6)
         # Image 0 = (1, 0.2, 0)/|.|, its class-0 cosines: (1/n, (0.6 + 0.16)/n) with n = |x|.
         n = math.sqrt(1.04)
@@ -256,12 +261,12 @@ class TestMixtureOfPromptsLoss:
     @pytest.mark.parametrize("term", ["diversity", "entropy", "mixture"])
     def test_zero_weight_switches_a_term_off(self, term) -> None:
         images, prompts, labels = problem()
-        on = MixtureOfPromptsLoss()(images, prompts, labels)
-        assert on[term].item() != 0.0  # the term is live with its default weight
-        loss_fn = MixtureOfPromptsLoss(**{f"{term}_weight": 0.0})
-        out = loss_fn(images, prompts, labels)
+        others = {"diversity": 0.1, "entropy": 1.0, "mixture": 10.0}
+        on = MixtureOfPromptsLoss(**{f"{t}_weight": w for t, w in others.items()})
+        assert on(images, prompts, labels)[term].item() != 0.0  # live with a positive weight
+        weights = {f"{t}_weight": w for t, w in others.items()} | {f"{term}_weight": 0.0}
+        out = MixtureOfPromptsLoss(**weights)(images, prompts, labels)
         assert out[term].item() == 0.0 and out[term].requires_grad
-        others = {"diversity": 0.1, "entropy": 0.3, "mixture": 1.0}
         others[term] = 0.0
         combined = (
             out["ce"]

@@ -18,11 +18,14 @@ PUBLIC_NAMES = [
     "MixtureOfPromptsLoss",
     "OffsetMixtureOfPrompts",
     "SoftEMAssigner",
+    "SubpromptReviver",
     "TemperatureSchedule",
+    "UsageFloor",
     "__version__",
     "detect_collapse",
     "diagnostics",
     "functional",
+    "initialize_from_kmeans",
 ]
 
 FUNCTIONAL_NAMES = [
@@ -32,13 +35,17 @@ FUNCTIONAL_NAMES = [
     "connected_zero",
     "diversity_loss",
     "entropy",
+    "kmeans_subprompts",
     "own_class_similarities",
     "pairwise_cosine",
     "responsibilities",
     "responsibilities_from_similarities",
+    "revive_dead_subprompts",
     "sinkhorn",
+    "spherical_kmeans",
     "subprompt_similarities",
     "temperature_at",
+    "usage_floor",
 ]
 
 EMPTY = inspect.Parameter.empty
@@ -151,9 +158,9 @@ def test_constructor_signature(name) -> None:
 
 def test_constructor_defaults_take_effect() -> None:
     loss = promptmix.MixtureOfPromptsLoss()
-    assert loss.diversity_weight == 0.1
-    assert loss.entropy_weight == 0.3
-    assert loss.mixture_weight == 1.0
+    assert loss.diversity_weight == 0.0
+    assert loss.entropy_weight == 1.0
+    assert loss.mixture_weight == 10.0
     assert loss.fixed_tau == 0.3 and loss.schedule is None
     assert loss.assigner.mode == "soft" and loss.assigner.scale == 100.0
     assert loss.entropy.mode == "marginal"

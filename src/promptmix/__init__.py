@@ -9,9 +9,11 @@ from promptmix.assignment import SoftEMAssigner
 from promptmix.diagnostics import CollapseReport, detect_collapse
 from promptmix.diversity import DiversityLoss
 from promptmix.entropy import AssignmentEntropy
+from promptmix.initialization import initialize_from_kmeans
 from promptmix.objective import MixtureOfPromptsLoss
 from promptmix.prompts import MixtureOfPrompts, OffsetMixtureOfPrompts
 from promptmix.schedule import TemperatureSchedule
+from promptmix.usage import SubpromptReviver, UsageFloor
 
 __version__ = "0.1.0"
 
@@ -23,9 +25,12 @@ __all__ = [
     "MixtureOfPromptsLoss",
     "OffsetMixtureOfPrompts",
     "SoftEMAssigner",
+    "SubpromptReviver",
     "TemperatureSchedule",
+    "UsageFloor",
     "__version__",
     "detect_collapse",
     "diagnostics",
     "functional",
+    "initialize_from_kmeans",
 ]

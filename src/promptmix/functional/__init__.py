@@ -1,8 +1,9 @@
 """The maths of promptmix as pure functions; the modules are thin, validated wrappers around them.
 
 One file per topic: `similarity` (cosines and class logits), `estep` (responsibilities and
-Sinkhorn), `entropy`, `diversity` and `schedule`. Shapes use `B` for the batch, `C` for classes,
-`K` for sub-prompts per class and `D` for the embedding dimension. Every function accepts raw
+Sinkhorn), `entropy`, `diversity`, `schedule`, `kmeans` (data-driven starting points) and
+`usage` (a usage floor, reviving dead sub-prompts). Shapes use `B` for the batch, `C` for
+classes, `K` for sub-prompts per class and `D` for the embedding dimension. Every function accepts raw
 (unnormalised) features and normalises internally; a zero vector gives zeros and a zero gradient,
 never NaN, in every dtype.
 """
@@ -29,6 +30,7 @@ from promptmix.functional.estep import (
     responsibilities_from_similarities,
     sinkhorn,
 )
+from promptmix.functional.kmeans import KMeansResult, kmeans_subprompts, spherical_kmeans
 from promptmix.functional.schedule import temperature_at
 from promptmix.functional.similarity import (
     class_logits,
@@ -36,6 +38,7 @@ from promptmix.functional.similarity import (
     pairwise_cosine,
     subprompt_similarities,
 )
+from promptmix.functional.usage import revive_dead_subprompts, usage_floor
 
 __all__ = [
     "assignment_entropy",
@@ -44,11 +47,15 @@ __all__ = [
     "connected_zero",
     "diversity_loss",
     "entropy",
+    "kmeans_subprompts",
     "own_class_similarities",
     "pairwise_cosine",
     "responsibilities",
     "responsibilities_from_similarities",
+    "revive_dead_subprompts",
     "sinkhorn",
+    "spherical_kmeans",
     "subprompt_similarities",
     "temperature_at",
+    "usage_floor",
 ]

@@ -1,0 +1,131 @@
+"""Data-driven initialisation: start each sub-prompt at a look its class's images really have."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from promptmix import functional as PF
+from promptmix._validation import check_int, check_positive, check_rank
+from promptmix.prompts import OffsetMixtureOfPrompts
+
+__all__ = ["initialize_from_kmeans"]
+
+
+def _separate_duplicates(
+    centroids: Tensor, noise_std: float, generator: torch.Generator | None
+) -> Tensor:
+    """Add noise of expected norm `noise_std` to every centroid that repeats an earlier one."""
+    k, dim = centroids.shape[1], centroids.shape[2]
+    same = PF.pairwise_cosine(centroids) > 1 - 1e-6  # (C, K, K)
+    earlier = torch.ones(k, k, dtype=torch.bool, device=centroids.device).tril(-1)
+    repeated = (same & earlier).any(dim=-1) & (centroids.norm(dim=-1) > 0)  # (C, K)
+    if not bool(repeated.any()) or noise_std == 0:
+        return centroids
+    noise = torch.randn(centroids.shape, generator=generator, dtype=torch.float32)
+    noise = noise.to(centroids) * (noise_std / math.sqrt(dim))
+    return centroids + noise * repeated.unsqueeze(-1)
+
+
+def initialize_from_kmeans(
+    prompts: nn.Module,
+    image_features: Tensor,
+    labels: Tensor,
+    *,
+    iterations: int = 30,
+    restarts: int = 4,
+    fit_steps: int = 200,
+    fit_lr: float = 0.01,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""Move each class's sub-prompts to the per-class spherical k-means centroids of its images.
+
+    The centroids come from `promptmix.functional.kmeans_subprompts` on the (few-shot) training
+    image features, one cluster per sub-prompt, largest cluster first. Then:
+
+    - `OffsetMixtureOfPrompts`: the offsets are set so that each sub-prompt *is* its centroid,
+      $\mathrm{offset}_{ck} = \mu_{ck} - t_{ck}$ (exact, no training).
+    - any other learner whose `forward()` returns `(num_classes, K, dim)` unit features, such as
+      `MixtureOfPrompts`: a short fit of its parameters (Adam, `fit_steps` steps at `fit_lr`) that
+      minimises $\frac{1}{CK}\sum_{ck} (1 - \cos(t_{ck}, \mu_{ck}))$, so each sub-prompt's context
+      learns to say its look before the real training starts.
+
+    Classes without an image keep their initial sub-prompts. A class with fewer images than K
+    starts from its images, repeated (the fallback of `kmeans_subprompts`), and the repeats are
+    moved apart by noise of expected norm `init_noise_std` of the learner (0.1 if it has none).
+
+    Args:
+        prompts: the learner, e.g. `OffsetMixtureOfPrompts` or `MixtureOfPrompts`.
+        image_features: `(n, dim)` training image features.
+        labels: `(n,)` integer classes in `[0, num_classes)`.
+        iterations: Lloyd rounds of the k-means.
+        restarts: k-means seedings per class.
+        fit_steps: Adam steps of the fit (learners other than the offset one), `>= 0`.
+        fit_lr: Adam learning rate of the fit.
+        generator: random generator for the k-means seeds and the separating noise.
+
+    Returns:
+        `(num_classes, K, dim)` the centroids the sub-prompts were moved to (zero rows for
+        classes without images).
+
+    Examples:
+        >>> import open_clip, torch
+        >>> from promptmix import OffsetMixtureOfPrompts
+        >>> model = open_clip.CLIP(
+        ...     embed_dim=16,
+        ...     vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=32),
+        ...     text_cfg=dict(width=32, heads=2, layers=1),
+        ... )
+        >>> prompts = OffsetMixtureOfPrompts(
+        ...     model, open_clip.get_tokenizer("ViT-B-32"), ["cat", "dog"], n_subprompts=2
+        ... )
+        >>> images, labels = torch.randn(12, 16), torch.arange(2).repeat(6)
+        >>> centroids = initialize_from_kmeans(prompts, images, labels)
+        >>> torch.allclose(prompts(), centroids, atol=1e-5)
+        True
+    """
+    check_rank("image_features", image_features, (2,), "(n, dim)")
+    check_int("fit_steps", fit_steps, minimum=0)
+    check_positive("fit_lr", fit_lr)
+    with torch.no_grad():
+        current = prompts()
+    check_rank("prompts()", current, (3,), "(num_classes, K, dim)")
+    num_classes, k, dim = current.shape
+    if image_features.shape[1] != dim:
+        raise ValueError(
+            f"image_features must have dim {dim} (the prompts' feature dimension) but has "
+            f"shape {tuple(image_features.shape)}."
+        )
+    centroids = PF.kmeans_subprompts(
+        image_features.to(current.device, torch.float32),
+        labels.to(current.device),
+        num_classes=num_classes,
+        n_subprompts=k,
+        iterations=iterations,
+        restarts=restarts,
+        generator=generator,
+    )
+    noise_std = float(getattr(prompts, "init_noise_std", 0.1))
+    targets = _separate_duplicates(centroids, noise_std, generator)
+    has_images = centroids.norm(dim=-1).amax(dim=-1) > 0  # (C,)
+    if isinstance(prompts, OffsetMixtureOfPrompts):
+        with torch.no_grad():
+            offsets = targets.to(prompts.offsets.dtype) - prompts.text_features
+            prompts.offsets[has_images] = offsets[has_images]
+        return centroids.to(current.dtype)
+
+    parameters = [p for p in prompts.parameters() if p.requires_grad]
+    if fit_steps and parameters and bool(has_images.any()):
+        optimizer = torch.optim.Adam(parameters, lr=fit_lr)
+        goal = F.normalize(targets[has_images], dim=-1)
+        for _ in range(fit_steps):
+            features = prompts()[has_images]
+            cosine = (F.normalize(features.float(), dim=-1) * goal).sum(dim=-1)
+            loss = (1 - cosine).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return centroids.to(current.dtype)

@@ -1,0 +1,166 @@
+"""`usage_floor`, `revive_dead_subprompts` and their modules `UsageFloor`, `SubpromptReviver`."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given
+
+from promptmix import MixtureOfPromptsLoss, SubpromptReviver, UsageFloor
+from promptmix import functional as PF
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def test_floor_smoke_and_zero_above_the_floor() -> None:
+    gamma = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).repeat(5, 1)
+    assert PF.usage_floor(gamma, floor=0.25) == 0  # 40/30/20/10: above 1/16 everywhere
+    assert PF.usage_floor(gamma, floor=0.5) > 0  # 0.1 < 0.125
+
+
+def test_floor_hand_computation() -> None:
+    gamma = torch.tensor([[0.9, 0.1, 0.0], [0.9, 0.1, 0.0]])
+    level = 0.6 / 3  # 0.2
+    expected = ((level - 0.1) / level) ** 2 / 3 + 1.0 / 3
+    assert torch.allclose(PF.usage_floor(gamma, floor=0.6), torch.tensor(expected))
+
+
+def test_floor_per_class_mean_and_prior_blend() -> None:
+    gamma = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1])
+    # Each class alone uses one sub-prompt: one dead each, 1/2 per class.
+    assert torch.allclose(PF.usage_floor(gamma, labels, floor=1.0), torch.tensor(0.5))
+    prior = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    blended = PF.usage_floor(gamma, labels, floor=1.0, usage_prior=prior, prior_count=1.0)
+    assert torch.allclose(blended, torch.tensor(0.0))  # (1 + 0) / 2 = 0.5 each: at the floor
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(floor=1.5), "floor must be in"),
+        (dict(prior_count=-1.0), "prior_count"),
+        (dict(usage_prior=torch.full((2, 3), 1 / 3)), "usage_prior must have shape"),
+    ],
+)
+def test_floor_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        PF.usage_floor(torch.full((4, 2), 0.5), **kwargs)
+
+
+def test_floor_degenerate_cases_are_connected_zeros() -> None:
+    for gamma in (torch.ones(3, 1, requires_grad=True), torch.empty(0, 3, requires_grad=True)):
+        value = PF.usage_floor(gamma)
+        value.backward()
+        assert value == 0 and gamma.grad is not None
+
+
+def test_floor_gradcheck() -> None:
+    logits = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+
+    def penalty(x: torch.Tensor) -> torch.Tensor:
+        return PF.usage_floor(torch.softmax(x * 3, dim=-1), labels, floor=1.0)
+
+    assert torch.autograd.gradcheck(penalty, (logits,))
+
+
+def test_floor_gradient_moves_mass_to_the_starved_sub_prompt() -> None:
+    logits = torch.tensor([[4.0, 0.0], [3.0, 0.0]], requires_grad=True)
+    PF.usage_floor(torch.softmax(logits, dim=-1), floor=1.0).backward()
+    assert (logits.grad[:, 1] < 0).all()  # descending raises sub-prompt 1
+
+
+@given(seed=st.integers(0, 10_000), k=st.integers(2, 6), floor=st.floats(0.0, 1.0))
+def test_floor_bounds(seed: int, k: int, floor: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    gamma = torch.softmax(5 * torch.randn(7, k, generator=generator), dim=-1)
+    labels = torch.randint(0, 3, (7,), generator=generator)
+    value = PF.usage_floor(gamma, labels, floor=floor).item()
+    assert -1e-6 <= value <= (k - 1) / k + 1e-6
+
+
+def test_module_equals_function_and_usage_prior_stays_on_simplex() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images, prompts = (
+        torch.randn(12, 5, generator=generator),
+        torch.randn(3, 4, 5, generator=generator),
+    )
+    labels = torch.arange(3).repeat(4)
+    module = UsageFloor(0.5, tau=2.0, scale=10.0)
+    soft = PF.responsibilities(images, prompts, labels, tau=2.0, scale=10.0)
+    assert torch.allclose(module(images, prompts, labels), PF.usage_floor(soft, labels, floor=0.5))
+    tracked = UsageFloor(0.5, num_classes=3, n_subprompts=4, momentum=0.5)
+    for _ in range(3):
+        tracked(images, prompts, labels)
+    assert torch.allclose(tracked.usage.sum(dim=-1), torch.ones(3))
+    assert (tracked.usage >= 0).all()
+
+
+@given(seed=st.integers(0, 10_000), momentum=st.floats(0.0, 0.99))
+def test_reviver_usage_stays_on_the_simplex(seed: int, momentum: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    reviver = SubpromptReviver(3, 4, momentum=momentum)
+    prompts = torch.randn(3, 4, 6, generator=generator)
+    for _ in range(3):
+        labels = torch.randint(0, 3, (9,), generator=generator)
+        reviver.observe(torch.randn(9, 6, generator=generator), prompts, labels)
+    assert torch.allclose(reviver.usage.sum(dim=-1), torch.ones(3))
+    assert (reviver.usage >= 0).all()
+
+
+def test_usage_floor_in_the_loss_is_reported_and_weighted() -> None:
+    images, prompts = torch.randn(8, 4), torch.randn(2, 3, 4, requires_grad=True)
+    labels = torch.arange(2).repeat(4)
+    plain = MixtureOfPromptsLoss()(images, prompts, labels)
+    loss_fn = MixtureOfPromptsLoss(regularizers={"usage": (UsageFloor(1.0), 2.0)})
+    out = loss_fn(images, prompts, labels)
+    assert torch.allclose(out["loss"], plain["loss"] + 2.0 * out["usage"])
+
+
+def test_revive_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="usage must have shape"):
+        PF.revive_dead_subprompts(torch.zeros(2, 3, 4), torch.full((2, 2), 0.5))
+    with pytest.raises(ValueError, match="parameter must be a tensor"):
+        PF.revive_dead_subprompts(torch.zeros(3), torch.full((1, 3), 1 / 3))
+    with pytest.raises(ValueError, match="min_share"):
+        PF.revive_dead_subprompts(torch.zeros(1, 2, 3), torch.full((1, 2), 0.5), min_share=2.0)
+
+
+def test_revive_leaves_live_and_unseen_classes_alone() -> None:
+    params = torch.randn(3, 2, 4)
+    usage = torch.tensor([[0.6, 0.4], [float("nan")] * 2, [1.0, 0.0]])
+    new, revived = PF.revive_dead_subprompts(params, usage)
+    assert torch.equal(new[:2], params[:2])
+    assert revived.tolist() == [[False, False], [False, False], [False, True]]
+    assert torch.allclose(new[2, 0] + new[2, 1], 2 * params[2, 0])  # a symmetric split
+
+
+def test_revive_several_dead_split_the_busiest_in_turn() -> None:
+    params = torch.arange(4.0).reshape(1, 4, 1) + 1
+    usage = torch.tensor([[0.7, 0.3, 0.0, 0.0]])
+    new, revived = PF.revive_dead_subprompts(params, usage, noise_std=0.0)
+    assert revived.tolist() == [[False, False, True, True]]
+    # First split 0 (0.7 -> 0.35 each), then 0.35 vs 0.3: sub-prompt 0 or its copy again.
+    assert new[0, 2, 0] == 1.0 and new[0, 3, 0] == 1.0
+
+
+def test_revived_sub_prompt_takes_assignments() -> None:
+    generator = torch.Generator().manual_seed(0)
+    # One class, two looks; sub-prompt 0 sits between them, sub-prompt 1 points away (dead).
+    looks = torch.tensor([[1.0, 0.3, 0.0], [1.0, -0.3, 0.0]])
+    images = looks.repeat_interleave(10, 0) + 0.02 * torch.randn(20, 3, generator=generator)
+    labels = torch.zeros(20, dtype=torch.long)
+    prompts = torch.nn.Parameter(torch.tensor([[[1.0, 0.0, 0.0], [-1.0, 0.0, 0.5]]]))
+    reviver = SubpromptReviver(1, 2, momentum=0.0, noise_std=0.05)
+    reviver.observe(images, prompts, labels)
+    assert reviver.usage[0, 1] == 0
+    assert reviver.revive_(prompts, generator=generator).tolist() == [[False, True]]
+    own = PF.own_class_similarities(images, prompts.detach(), labels)
+    share = (own.argmax(dim=-1) == 1).float().mean()
+    assert 0 < share < 1
+
+
+def test_reviver_state_dict_holds_the_usage() -> None:
+    assert list(SubpromptReviver(2, 3).state_dict()) == ["usage"]
