@@ -53,9 +53,10 @@ def contenders_by_world(
         axis.set_ylim(max(0.0, np.floor(10 * lowest - 0.5) / 10) if metric == "accuracy" else 0, 1)
         axis.grid(axis="y", alpha=0.3)
     axes[-1].set_xticks(positions, worlds, rotation=15)
-    axes[0].legend(ncol=3, fontsize=8, loc="lower right")
-    axes[0].set_title(title)
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, ncol=len(labels), fontsize=8, loc="upper center")
+    figure.suptitle(title, y=0.94)
+    figure.tight_layout(rect=(0, 0, 1, 0.92))
     figure.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(figure)
     return path

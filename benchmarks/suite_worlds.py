@@ -161,6 +161,7 @@ WORLDS: dict[str, WorldSpec] = {
         WorldSpec(
             "imbalanced",
             look_frequencies=IMBALANCED,
+            learners=("free", "offset", "mixture"),
             note="looks 40/30/20/10 % (acceptance test)",
         ),
         WorldSpec(
@@ -178,7 +179,6 @@ WORLDS: dict[str, WorldSpec] = {
             dim=512,
             weights=(0.45, 0.07, 0.12, 0.36),
             intrinsic_rank=48,
-            learners=("free", "offset", "mixture"),
             note="CLIP ViT-B cosines (image-text ≈ 0.2, image-image 0.44-0.54), dim 512",
         ),
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import re
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,9 @@ def test_quickstart_runs_and_reaches_the_subprompts(capsys: pytest.CaptureFixtur
 
 def test_own_loop_learns_and_keeps_the_mixture(trained: dict[str, Any]) -> None:
     losses = trained["losses"]
-    assert _mean(losses[-20:]) < 0.5 * _mean(losses[:20])
+    # The k-means start already sits on the looks: training keeps the loss there (it fell by
+    # half from the text start before initialize_from_kmeans).
+    assert _mean(losses[-20:]) <= _mean(losses[:20]) + 0.05
     assert trained["accuracy"] > 0.9
     report = trained["report"]
     assert not report.collapsed, report.message
@@ -119,44 +120,23 @@ def test_offset_learner_is_free_vectors_under_adam() -> None:
     assert (finals[0] - prompts.text_features).abs().max() > 0.05  # it did train
 
 
-def test_benchmark_table_lists_the_benchmark_configurations() -> None:
+def test_suite_table_lists_the_suite_recipes_and_the_pictures_exist() -> None:
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        import collapse
+        import suite
     finally:
         sys.path.remove(str(BENCHMARKS))
-    table = (DOCS / "collapse" / "results.md").read_text()
+    table = (DOCS / "suite" / "results.md").read_text()
     rows = {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")}
-    names = {c.name for c in collapse.CONFIGS} | {c.name for c in collapse.sweep_configs()}
+    names = {r.name for r in suite.RECIPES} | {r.name for r in suite.lever_recipes()}
     assert names <= rows, (
-        f"docs/collapse/results.md is stale: rerun benchmarks/collapse.py ({names - rows})"
+        f"docs/suite/results.md is stale: rerun benchmarks/suite.py ({names - rows})"
     )
     tuning = (DOCS / "tuning.md").read_text()
-    for image in re.findall(r"\]\((collapse/[^)]+\.png)\)", tuning):
+    images = re.findall(r"\]\((suite/[^)]+\.png)\)", tuning)
+    assert images
+    for image in images:
         assert (DOCS / image).is_file(), image
-
-
-def test_benchmark_quick_run(tmp_path: Path) -> None:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "collapse.py"),
-            "--quick",
-            "--no-sweep",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "wall time" in completed.stdout
-    table = (tmp_path / "results.md").read_text()
-    assert "before (design note)" in table and "recommended" in table
-    for name in ("metrics.png", "training.png", "usage.png"):
-        assert (tmp_path / name).stat().st_size > 10_000
 
 
 def test_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,11 +21,23 @@ def test_default_yaml_documents_every_key_with_its_default() -> None:
     assert OmegaConf.to_container(documented) == OmegaConf.to_container(schema)
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "stanford_cars.yaml", "demo.yaml"])
-def test_shipped_configs_load(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "weights"),
+    [
+        ("default.yaml", (0.1, 0.3, 1.0)),
+        ("stanford_cars.yaml", (0.0, 1.0, 10.0)),  # the suite's defaults (docs/tuning.md)
+        ("demo.yaml", (0.1, 0.3, 1.0)),
+    ],
+)
+def test_shipped_configs_load(name: str, weights: tuple[float, float, float]) -> None:
     cfg = cars_config.load_config(CONFIGS / name)
-    assert cfg.model.em_tau_end == 0.3
-    assert (cfg.model.diversity_loss_weight, cfg.model.entropy_loss_weight) == (0.1, 0.3)
+    assert cfg.model.em_tau_start == 1.0 and cfg.model.em_tau_end == 0.3
+    model = cfg.model
+    assert (
+        model.diversity_loss_weight,
+        model.entropy_loss_weight,
+        model.mixture_loss_weight,
+    ) == weights
 
 
 def test_output_folder_follows_the_overrides() -> None:

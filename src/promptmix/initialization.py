@@ -37,7 +37,7 @@ def initialize_from_kmeans(
     *,
     iterations: int = 30,
     restarts: int = 4,
-    fit_steps: int = 200,
+    fit_steps: int = 100,
     fit_lr: float = 0.01,
     generator: torch.Generator | None = None,
 ) -> Tensor:

@@ -3,9 +3,9 @@
 One file per topic: `similarity` (cosines and class logits), `estep` (responsibilities and
 Sinkhorn), `entropy`, `diversity`, `schedule`, `kmeans` (data-driven starting points) and
 `usage` (a usage floor, reviving dead sub-prompts). Shapes use `B` for the batch, `C` for
-classes, `K` for sub-prompts per class and `D` for the embedding dimension. Every function accepts raw
-(unnormalised) features and normalises internally; a zero vector gives zeros and a zero gradient,
-never NaN, in every dtype.
+classes, `K` for sub-prompts per class and `D` for the embedding dimension. Every function
+accepts raw (unnormalised) features and normalises internally; a zero vector gives zeros and a
+zero gradient, never NaN, in every dtype.
 """
 
 # The mode lists and their Literal types are importable from here too (not in `__all__`).
