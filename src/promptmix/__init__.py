@@ -10,7 +10,7 @@ from promptmix.averaging import GaussianPromptAverage
 from promptmix.diagnostics import CollapseReport, detect_collapse
 from promptmix.diversity import DiversityLoss
 from promptmix.entropy import AssignmentEntropy
-from promptmix.gradients import project_conflicting_gradients, prograd_backward
+from promptmix.gradients import prograd_backward, project_conflicting_gradients
 from promptmix.objective import MixtureOfPromptsLoss
 from promptmix.prompts import MixtureOfPrompts, OffsetMixtureOfPrompts
 from promptmix.regularizers import (

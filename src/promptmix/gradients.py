@@ -15,7 +15,8 @@ from promptmix._validation import check_positive, check_tensor
 
 def _projected(gradient: Tensor, reference: Tensor, strength: float) -> tuple[Tensor, Tensor]:
     """`gradient` with `strength` times its conflicting component removed, and their cosine."""
-    g, r = gradient.float(), reference.float()
+    compute = torch.promote_types(gradient.dtype, torch.float32)  # float16 in float32
+    g, r = gradient.to(compute), reference.to(compute)
     dot = (g * r).sum()
     reference_norm2 = (r * r).sum()
     conflict = (dot < 0) & (reference_norm2 > 0)
@@ -53,7 +54,7 @@ def project_conflicting_gradients(
     zero-shot predictions. ProGrad (BeierZhu/Prompt-align `Dassl.ProGrad.pytorch/dassl/engine/
     trainer.py`, `prograd_backward_and_update`) projects each parameter tensor separately
     (`per_parameter=True`) with `LOSS.LAMBDA = 1`. `per_parameter=False` projects the
-    concatenation of all gradients instead. Computed in float32; the results keep each
+    concatenation of all gradients instead. Computed in (at least) float32; the results keep each
     gradient's dtype. A zero reference gradient leaves $g$ unchanged.
 
     Args:
@@ -106,9 +107,10 @@ def project_conflicting_gradients(
             )
             cosines.append(cosine)
         return projected, torch.stack(cosines)
-    flat = torch.cat([gradients[i].float().flatten() for i in pairs])  # type: ignore[union-attr]
+    compute = torch.promote_types(gradients[pairs[0]].dtype, torch.float32)  # type: ignore[union-attr]
+    flat = torch.cat([gradients[i].to(compute).flatten() for i in pairs])  # type: ignore[union-attr]
     flat_reference = torch.cat(
-        [reference_gradients[i].float().flatten() for i in pairs]  # type: ignore[union-attr]
+        [reference_gradients[i].to(compute).flatten() for i in pairs]  # type: ignore[union-attr]
     )
     flat, cosine = _projected(flat, flat_reference, strength)
     for index, chunk in zip(

@@ -42,8 +42,8 @@ def zero_shot_consistency(
       (`trainers/promptsrc.py`: `kl_div(..., reduction="sum") / logits.numel()`, `T = 1`).
     - `"sum"`, or `"none"` for one value per sample.
 
-    Computed in float32 with `log_softmax`, so float16/bfloat16 logits of CLIP's scale (100)
-    give finite values and gradients; the result has the dtype of `logits`.
+    Computed in (at least) float32 with `log_softmax`, so float16/bfloat16 logits of CLIP's
+    scale (100) give finite values and gradients; the result has the dtype of `logits`.
 
     Args:
         logits: `(batch, num_classes)` learned logits, e.g. the loss's class logits.
@@ -71,8 +71,10 @@ def zero_shot_consistency(
         )
     check_positive("temperature", temperature)
     check_choice("reduction", reduction, KL_REDUCTIONS)
-    student = torch.log_softmax(logits.float() / temperature, dim=-1)
-    teacher = torch.log_softmax(zero_shot_logits.detach().float() / temperature, dim=-1)
+    # float16/bfloat16 are computed in float32; float64 stays float64.
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    student = torch.log_softmax(logits.to(compute) / temperature, dim=-1)
+    teacher = torch.log_softmax(zero_shot_logits.detach().to(compute) / temperature, dim=-1)
     probabilities = teacher.exp()
     # 0 * log 0 = 0: a class the teacher gives no mass costs nothing, even at -inf logits.
     pointwise = torch.where(

@@ -86,7 +86,8 @@ def text_to_text_loss(
         zero = connected_zero(subprompt_features, template_features)
         return zero.expand(n_templates, num_classes) if reduction == "none" else zero
     targets = torch.arange(num_classes, device=logits.device).repeat(n_templates)
-    losses = F.cross_entropy(logits.float(), targets, reduction="none").to(prompts.dtype)
+    compute = torch.promote_types(logits.dtype, torch.float32)  # float16 in float32
+    losses = F.cross_entropy(logits.to(compute), targets, reduction="none").to(logits.dtype)
     if reduction == "none":
         return losses.reshape(n_templates, num_classes)
     return losses.mean() if reduction == "mean" else losses.sum()
