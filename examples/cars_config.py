@@ -78,6 +78,27 @@ class ModelConfig:
     #: weight of the assignment entropy (maximised); 0.3 with marginal entropy stops collapse in
     #: benchmarks/collapse.py where the design note's 0.01 sample entropy does not.
     entropy_loss_weight: float = 0.3
+    #: hand-crafted prompts (``{}`` is the class name) whose frozen text features, averaged over
+    #: the templates, are the anchors and the zero-shot classifier, and LASP's targets.
+    hand_crafted_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    #: weight of ``PromptAnchor`` (KgCoOp: 8 with ``cosine``; PromptSRC: 25 with ``l1``); 0: off.
+    anchor_loss_weight: float = 0.0
+    #: ``"cosine"`` (KgCoOp's code), ``"l2"`` (KgCoOp's paper) or ``"l1"`` (PromptSRC).
+    anchor_distance: str = "cosine"
+    #: weight of ``ZeroShotConsistency``, KL to the hand-crafted classifier (PromptSRC: 1); 0: off.
+    zero_shot_loss_weight: float = 0.0
+    #: distillation temperature of the zero-shot KL (not the E-step's tau).
+    zero_shot_temperature: float = 1.0
+    #: ``"batchmean"`` (ProGrad's) or ``"mean"`` (PromptSRC's: divided by batch * classes).
+    zero_shot_reduction: str = "batchmean"
+    #: weight of LASP's text-to-text loss (LASP: 5); 0: off.
+    text_to_text_loss_weight: float = 0.0
+    #: standard deviation of the noise on the text-to-text targets (LASP: 0.05), 0: none.
+    text_to_text_noise_std: float = 0.0
+    #: weight of DAPT's inter-class dispersion of the text features (DAPT: 0.1); 0: off.
+    dispersion_loss_weight: float = 0.0
+    #: bandwidth t of the dispersion's Gaussian potential exp(-t d^2) (DAPT: 2).
+    dispersion_bandwidth: float = 2.0
 
 
 @dataclass
@@ -172,6 +193,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.assignment": ("soft", "hard", "sinkhorn"),
     "model.entropy_mode": ("sample", "marginal", "mutual_information"),
     "model.aggregation": ("logsumexp", "max", "mean", "responsibility"),
+    "model.anchor_distance": ("cosine", "l2", "l1"),
+    "model.zero_shot_reduction": ("batchmean", "mean", "sum"),
     "data.layout": ("auto", "original", "coop", "folders"),
     "train.optimizer": ("sgd", "adamw"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -245,6 +268,19 @@ def _check_ranges(cfg: DictConfig) -> None:
         ("model.mixture_loss_weight", cfg.model.mixture_loss_weight >= 0, ">= 0"),
         ("model.diversity_loss_weight", cfg.model.diversity_loss_weight >= 0, ">= 0"),
         ("model.entropy_loss_weight", cfg.model.entropy_loss_weight >= 0, ">= 0"),
+        ("model.anchor_loss_weight", cfg.model.anchor_loss_weight >= 0, ">= 0"),
+        ("model.zero_shot_loss_weight", cfg.model.zero_shot_loss_weight >= 0, ">= 0"),
+        ("model.zero_shot_temperature", cfg.model.zero_shot_temperature > 0, "> 0"),
+        ("model.text_to_text_loss_weight", cfg.model.text_to_text_loss_weight >= 0, ">= 0"),
+        ("model.text_to_text_noise_std", cfg.model.text_to_text_noise_std >= 0, ">= 0"),
+        ("model.dispersion_loss_weight", cfg.model.dispersion_loss_weight >= 0, ">= 0"),
+        ("model.dispersion_bandwidth", cfg.model.dispersion_bandwidth > 0, "> 0"),
+        (
+            "model.hand_crafted_templates",
+            len(cfg.model.hand_crafted_templates) >= 1
+            and all("{}" in t for t in cfg.model.hand_crafted_templates),
+            "a non-empty list of templates that each contain {}",
+        ),
         ("train.shots", cfg.train.shots is None or cfg.train.shots >= 1, ">= 1 or null"),
         ("train.epochs", cfg.train.epochs >= 1, ">= 1"),
         ("train.batch_size", cfg.train.batch_size >= 1, ">= 1"),

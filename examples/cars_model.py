@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -146,10 +146,81 @@ def build_learner(cfg: DictConfig, clip: ClipBundle, classnames: list[str]) -> n
     )
 
 
+@torch.no_grad()
+def hand_crafted_features(
+    clip: ClipBundle, classnames: Sequence[str], templates: Sequence[str]
+) -> torch.Tensor:
+    """Unit text features ``(len(templates), num_classes, dim)`` of the frozen text tower."""
+    device = next(clip.model.parameters()).device
+    features = []
+    for template in templates:
+        tokens = clip.tokenizer([template.format(name) for name in classnames]).to(device)
+        encoded = torch.cat([clip.model.encode_text(chunk) for chunk in tokens.split(256)])
+        features.append(torch.nn.functional.normalize(encoded.float(), dim=-1))
+    return torch.stack(features)
+
+
+def build_regularizers(
+    cfg: DictConfig, clip: ClipBundle | None, classnames: Sequence[str] | None
+) -> dict[str, tuple[nn.Module, float]]:
+    """The field's regularizers whose weight in ``cfg.model`` is positive, with their references.
+
+    The hand-crafted templates are encoded once by the frozen text tower; their mean (over
+    templates) is the anchor of ``PromptAnchor`` and the zero-shot classifier of
+    ``ZeroShotConsistency``, and each template's features are a target of ``TextToTextLoss``. The
+    modules keep them as non-persistent buffers, so the training step passes nothing extra.
+    """
+    model = cfg.model
+    needs_text = (
+        model.anchor_loss_weight or model.zero_shot_loss_weight or model.text_to_text_loss_weight
+    )
+    regularizers: dict[str, tuple[nn.Module, float]] = {}
+    if needs_text:
+        if clip is None or classnames is None:
+            raise ValueError(
+                "The anchor, zero-shot and text-to-text terms need clip and classnames."
+            )
+        templates = hand_crafted_features(clip, classnames, list(model.hand_crafted_templates))
+        ensemble = torch.nn.functional.normalize(templates.mean(0), dim=-1)
+        if model.anchor_loss_weight:
+            anchor = promptmix.PromptAnchor(model.anchor_distance, anchor_features=ensemble)
+            regularizers["anchor"] = (anchor, model.anchor_loss_weight)
+        if model.zero_shot_loss_weight:
+            consistency = promptmix.ZeroShotConsistency(
+                model.zero_shot_temperature,
+                model.zero_shot_reduction,
+                zero_shot_text_features=ensemble,
+                logit_scale=clip.logit_scale,
+            )
+            regularizers["zero_shot"] = (consistency, model.zero_shot_loss_weight)
+        if model.text_to_text_loss_weight:
+            text_to_text = promptmix.TextToTextLoss(
+                clip.logit_scale,
+                model.aggregation,
+                noise_std=model.text_to_text_noise_std,
+                template_features=templates,
+            )
+            regularizers["text_to_text"] = (text_to_text, model.text_to_text_loss_weight)
+    if model.dispersion_loss_weight:
+        dispersion = promptmix.InterClassDispersion(model.dispersion_bandwidth)
+        regularizers["dispersion"] = (dispersion, model.dispersion_loss_weight)
+    return regularizers
+
+
 def build_objective(
-    cfg: DictConfig, num_classes: int, total_steps: int, *, sync_distributed: bool
+    cfg: DictConfig,
+    num_classes: int,
+    total_steps: int,
+    *,
+    sync_distributed: bool,
+    clip: ClipBundle | None = None,
+    classnames: Sequence[str] | None = None,
 ) -> promptmix.MixtureOfPromptsLoss:
-    """The objective with its temperature schedule annealed over ``total_steps`` iterations."""
+    """The objective with its temperature schedule annealed over ``total_steps`` iterations.
+
+    ``clip`` and ``classnames`` encode the hand-crafted prompts for the anchor, zero-shot and
+    text-to-text regularizers (see :func:`build_regularizers`); only those need them.
+    """
     model = cfg.model
     schedule = promptmix.TemperatureSchedule(
         start=model.em_tau_start,
@@ -174,6 +245,7 @@ def build_objective(
             n_subprompts=model.n_subprompts,
             sync_distributed=sync_distributed,
         ),
+        regularizers=build_regularizers(cfg, clip, classnames),
         sync_distributed=sync_distributed,
     )
 

@@ -174,6 +174,8 @@ class Run:
             len(self.classnames),
             cfg.train.epochs * len(self.batches),
             sync_distributed=runtime.distributed,
+            clip=self.clip,
+            classnames=self.classnames,
         ).to(runtime.device)
         self.epoch, self.step = 0, 0
         self.trainer = self._build_trainer(resume)
