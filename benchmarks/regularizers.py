@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -320,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name} | {sources[name]} | {base.mean():.1f} ± {base.std():.1f} | "
             f"{new.mean():.1f} ± {new.std():.1f} | {h.mean():.1f} | {drift.mean():.3f} |"
         )
-    command = "python benchmarks/regularizers.py" + (" --quick" if args.quick else "")
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python benchmarks/regularizers.py", *given])
     footer = (
         f"\nMean ± std over {args.seeds} seed(s); {args.base_classes} base / {args.new_classes} "
         f"new classes, {args.shots} shots, K = {args.k}, {args.epochs} epochs. Accuracy in %, "
