@@ -241,7 +241,7 @@ def bench_offset(args, model, tokenizer, classnames, timings: dict[str, float]) 
 
 def bench_share(args, model, tokenizer, classnames, timings: dict[str, float]) -> None:
     try:
-        from promptmix import MixtureOfPromptsLoss
+        from promptmix import AssignmentEntropy, MixtureOfPromptsLoss
         from promptmix.functional import class_logits, subprompt_similarities
     except ImportError as error:  # the core lands separately
         print(f"[share] skipped: {error}")
@@ -252,7 +252,9 @@ def bench_share(args, model, tokenizer, classnames, timings: dict[str, float]) -
     with torch.no_grad():
         image_s, image_features = timed(lambda: model.encode_image(images, normalize=True), 2)
     subprompts = F.normalize(torch.randn(classes, k, image_features.shape[-1]), dim=-1)
-    loss_fn = MixtureOfPromptsLoss(num_classes=classes, n_subprompts=k)
+    loss_fn = MixtureOfPromptsLoss(
+        entropy=AssignmentEntropy("marginal", num_classes=classes, n_subprompts=k)
+    )
 
     def loss_step(full: bool) -> None:
         leaf = subprompts.clone().requires_grad_(True)

@@ -47,9 +47,11 @@ from torch import Tensor, nn
 
 import promptmix
 from promptmix import (
+    AssignmentEntropy,
     DiversityLoss,
     MixtureOfPromptsLoss,
     OffsetMixtureOfPrompts,
+    SoftEMAssigner,
     TemperatureSchedule,
     diagnostics,
     objective,
@@ -113,11 +115,13 @@ class Config:
         return MixtureOfPromptsLoss(
             diversity_weight=self.diversity_weight,
             entropy_weight=self.entropy_weight,
-            entropy_mode=self.entropy_mode,  # type: ignore[arg-type]
-            assignment=self.assignment,  # type: ignore[arg-type]
             tau=TemperatureSchedule(self.tau_start, self.tau_end, total_steps=size.steps),
-            num_classes=size.num_classes,
-            n_subprompts=size.n_subprompts,
+            assigner=SoftEMAssigner(self.assignment),  # type: ignore[arg-type]
+            entropy=AssignmentEntropy(
+                self.entropy_mode,  # type: ignore[arg-type]
+                num_classes=size.num_classes,
+                n_subprompts=size.n_subprompts,
+            ),
             diversity=DiversityLoss(margin=self.diversity_margin),
         )
 

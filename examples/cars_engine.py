@@ -220,13 +220,7 @@ class Trainer:
     def logits(self, image_features: torch.Tensor, subprompts: torch.Tensor) -> torch.Tensor:
         """Class logits ``(N, num_classes)`` of the mixture, in chunks to bound memory."""
         chunks = [
-            promptmix.functional.class_logits(
-                promptmix.functional.subprompt_similarities(chunk, subprompts),
-                logit_scale=self.logit_scale,
-                aggregation=self.objective.aggregation,
-                tau=self.tau,
-                assigner_scale=self.objective.assigner.scale,
-            )
+            self.objective.logits(chunk, subprompts, logit_scale=self.logit_scale, tau=self.tau)
             for chunk in image_features.split(1024)
         ]
         return torch.cat(chunks)

@@ -221,12 +221,18 @@ def build_objective(
         entropy_weight=model.entropy_loss_weight,
         mixture_weight=model.mixture_loss_weight,
         aggregation=model.aggregation,
-        assignment=model.assignment,
-        sinkhorn_iterations=model.sinkhorn_iterations,
-        entropy_mode=model.entropy_mode,
         tau=schedule,
-        num_classes=num_classes,
-        n_subprompts=model.n_subprompts,
+        assigner=promptmix.SoftEMAssigner(
+            model.assignment,
+            sinkhorn_iterations=model.sinkhorn_iterations,
+            sync_distributed=sync_distributed,
+        ),
+        entropy=promptmix.AssignmentEntropy(
+            model.entropy_mode,
+            num_classes=num_classes,
+            n_subprompts=model.n_subprompts,
+            sync_distributed=sync_distributed,
+        ),
         sync_distributed=sync_distributed,
     )
 

@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import promptmix.functional as PF
-from promptmix import MixtureOfPromptsLoss, SoftEMAssigner, TemperatureSchedule
+from promptmix import (
+    AssignmentEntropy,
+    DiversityLoss,
+    MixtureOfPromptsLoss,
+    SoftEMAssigner,
+    TemperatureSchedule,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -32,6 +38,34 @@ PROMPTS = torch.tensor(
     ]
 )
 LABELS = torch.tensor([0, 1, 1])
+
+
+class TakesSubprompts(torch.nn.Module):
+    """A toy extra regularizer: mean squared distance of the sub-prompts to `target`."""
+
+    inputs = ("subprompt_features", "target")
+
+    def forward(self, subprompt_features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (subprompt_features - target).pow(2).mean()
+
+
+def make_loss(
+    *,
+    assignment: str = "soft",
+    entropy_mode: str = "marginal",
+    assigner_scale: float = 100.0,
+    num_classes: int | None = None,
+    n_subprompts: int | None = None,
+    **kwargs,
+) -> MixtureOfPromptsLoss:
+    """The loss with its assigner and entropy configured from flat test parameters."""
+    return MixtureOfPromptsLoss(
+        assigner=SoftEMAssigner(assignment, scale=assigner_scale),
+        entropy=AssignmentEntropy(
+            entropy_mode, num_classes=num_classes, n_subprompts=n_subprompts
+        ),
+        **kwargs,
+    )
 
 
 def problem(batch: int = 6, classes: int = 4, k: int = 3, dim: int = 8, dtype=torch.float32):
@@ -105,12 +139,23 @@ class TestMixtureOfPromptsLoss:
             ({"mixture_weight": float("inf")}, ValueError, "mixture_weight"),
             ({"diversity_weight": "0.1"}, TypeError, "diversity_weight"),
             ({"aggregation": "sum"}, ValueError, "aggregation"),
-            ({"assignment": "em"}, ValueError, "mode"),
-            ({"entropy_mode": "joint"}, ValueError, "mode"),
             ({"tau": 0.0}, ValueError, "tau"),
             ({"tau": -0.3}, ValueError, "tau"),
-            ({"assigner_scale": 0.0}, ValueError, "scale"),
-            ({"num_classes": 3}, ValueError, "n_subprompts"),
+            ({"assigner": "sinkhorn"}, TypeError, "assigner must be an instance of SoftEMAssigner"),
+            ({"entropy": DiversityLoss()}, TypeError, "entropy must be an instance of Assign"),
+            ({"diversity": AssignmentEntropy()}, TypeError, "diversity must be an instance of Div"),
+            (
+                {"assigner": SoftEMAssigner(sync_distributed=True)},
+                ValueError,
+                "assigner.sync_distributed",
+            ),
+            ({"regularizers": [DiversityLoss()]}, TypeError, "mapping"),
+            ({"regularizers": {"ce": (TakesSubprompts(), 1.0)}}, ValueError, "shadow"),
+            ({"regularizers": {"a b": (TakesSubprompts(), 1.0)}}, ValueError, "identifiers"),
+            ({"regularizers": {"x": TakesSubprompts()}}, TypeError, "tuple"),
+            ({"regularizers": {"x": (lambda t: t, 1.0)}}, TypeError, "nn.Module"),
+            ({"regularizers": {"x": (DiversityLoss(), 1.0)}}, TypeError, "inputs"),
+            ({"regularizers": {"x": (TakesSubprompts(), -1.0)}}, ValueError, "weight"),
         ],
     )
     def test_bad_constructor_arguments(self, kwargs, error, match) -> None:
@@ -149,7 +194,7 @@ class TestMixtureOfPromptsLoss:
     )
     @pytest.mark.parametrize("mode", ["marginal", "sample"])
     def test_loss_equals_hand_computation(self, weights, mode) -> None:
-        loss_fn = MixtureOfPromptsLoss(tau=0.5, assigner_scale=5.0, entropy_mode=mode, **weights)
+        loss_fn = make_loss(tau=0.5, assigner_scale=5.0, entropy_mode=mode, **weights)
         out = loss_fn(IMAGES, PROMPTS, LABELS, logit_scale=10.0)
         wd, we, wm = loss_fn.diversity_weight, loss_fn.entropy_weight, loss_fn.mixture_weight
         expected = reference(
@@ -176,7 +221,7 @@ class TestMixtureOfPromptsLoss:
 
     def test_hand_computation_of_the_parts(self) -> None:
         # Class 0's sub-prompts have cosine 0.6, class 1's 0.6: diversity = 0.36 (both present).
-        out = MixtureOfPromptsLoss(assigner_scale=5.0, tau=0.5)(IMAGES, PROMPTS, LABELS)
+        out = make_loss(assigner_scale=5.0, tau=0.5)(IMAGES, PROMPTS, LABELS)
         assert out["diversity"].item() == pytest.approx(0.36, rel=1e-6)
         # Only class 0 present: its pair alone.
         only0 = MixtureOfPromptsLoss()(IMAGES[:1], PROMPTS, LABELS[:1])
@@ -191,7 +236,7 @@ class TestMixtureOfPromptsLoss:
 
     def test_parts_equal_the_functional_api(self) -> None:
         images, prompts, labels = problem()
-        loss_fn = MixtureOfPromptsLoss(
+        loss_fn = make_loss(
             aggregation="max", assignment="sinkhorn", entropy_mode="mutual_information", tau=0.7
         )
         out = loss_fn(images, prompts, labels, logit_scale=50.0)
@@ -230,7 +275,7 @@ class TestMixtureOfPromptsLoss:
 
     def test_entropy_skipped_with_hard_assignments(self) -> None:
         images, prompts, labels = problem()
-        out = MixtureOfPromptsLoss(assignment="hard", entropy_weight=1.0)(images, prompts, labels)
+        out = make_loss(assignment="hard", entropy_weight=1.0)(images, prompts, labels)
         assert out["entropy"].item() == 0.0 and out["entropy"].requires_grad
         torch.testing.assert_close(out["loss"], out["ce"] + out["mixture"] + 0.1 * out["diversity"])
         gamma = out["responsibilities"]
@@ -257,7 +302,7 @@ class TestMixtureOfPromptsLoss:
     @pytest.mark.parametrize("entropy_mode", ENTROPY_MODES)
     def test_single_subprompt_gives_connected_zeros(self, assignment, entropy_mode) -> None:
         images, prompts, labels = problem(k=1)
-        out = MixtureOfPromptsLoss(assignment=assignment, entropy_mode=entropy_mode)(
+        out = make_loss(assignment=assignment, entropy_mode=entropy_mode)(
             images, prompts, labels
         )
         for key in ("diversity", "entropy"):
@@ -272,7 +317,7 @@ class TestMixtureOfPromptsLoss:
         _, prompts, _ = problem()
         images = torch.randn(0, 8, requires_grad=True)
         labels = torch.zeros(0, dtype=torch.long)
-        loss_fn = MixtureOfPromptsLoss(
+        loss_fn = make_loss(
             assignment=assignment, entropy_mode=entropy_mode, num_classes=4, n_subprompts=3
         )
         out = loss_fn(images, prompts, labels)
@@ -284,7 +329,7 @@ class TestMixtureOfPromptsLoss:
 
     def test_mixture_gradient_does_not_flow_through_the_targets(self) -> None:
         prompts = PROMPTS.clone().requires_grad_()
-        out = MixtureOfPromptsLoss(tau=0.5, assigner_scale=5.0)(IMAGES, prompts, LABELS)
+        out = make_loss(tau=0.5, assigner_scale=5.0)(IMAGES, prompts, LABELS)
         (grad,) = torch.autograd.grad(out["mixture"], prompts)
         args = {"logit_scale": 100.0, "tau": 0.5, "scale": 5.0, "wm": 1.0, "wd": 0.1, "we": 0.01}
         detached = reference(IMAGES, prompts, LABELS, **args)["mixture"]
@@ -300,13 +345,13 @@ class TestMixtureOfPromptsLoss:
         # Regression: the precursor computed the entropy of detached responsibilities, so the
         # entropy term had no effect on training.
         images, prompts, labels = problem()
-        loss_fn = MixtureOfPromptsLoss(assignment=assignment, entropy_mode=entropy_mode, tau=1.0)
+        loss_fn = make_loss(assignment=assignment, entropy_mode=entropy_mode, tau=1.0)
         out = loss_fn(images, prompts, labels)
         (grad,) = torch.autograd.grad(out["entropy"], prompts, retain_graph=True)
         assert torch.isfinite(grad).all() and grad[labels.unique()].abs().sum() > 1e-6
         # ... and it reaches the loss with weight -entropy_weight.
         (total,) = torch.autograd.grad(out["loss"], prompts)
-        without = MixtureOfPromptsLoss(
+        without = make_loss(
             assignment=assignment, entropy_mode=entropy_mode, tau=1.0, entropy_weight=0.0
         )(images, prompts, labels)
         (rest,) = torch.autograd.grad(without["loss"], prompts)
@@ -315,7 +360,7 @@ class TestMixtureOfPromptsLoss:
     def test_entropy_ascent_spreads_the_assignments(self) -> None:
         # Gradient descent on -entropy alone must raise the entropy of the assignments.
         images, prompts, labels = problem()
-        loss_fn = MixtureOfPromptsLoss(
+        loss_fn = make_loss(
             diversity_weight=0.0, mixture_weight=0.0, entropy_weight=1.0, assigner_scale=10.0
         )
         optimizer = torch.optim.SGD([prompts], lr=0.5)
@@ -361,7 +406,7 @@ class TestMixtureOfPromptsLoss:
 
     def test_marginal_usage_buffer_lives_in_the_loss(self) -> None:
         images, prompts, labels = problem()
-        loss_fn = MixtureOfPromptsLoss(entropy_mode="marginal", num_classes=4, n_subprompts=3)
+        loss_fn = make_loss(entropy_mode="marginal", num_classes=4, n_subprompts=3)
         assert "entropy.usage" in loss_fn.state_dict()
         start = loss_fn.entropy.usage.clone()
         loss_fn.eval()(images, prompts, labels)
@@ -379,7 +424,7 @@ class TestMixtureOfPromptsLoss:
         images = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
         prompts = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
         labels = torch.tensor([0, 1, 2, 1])
-        loss_fn = MixtureOfPromptsLoss(
+        loss_fn = make_loss(
             aggregation=aggregation,
             entropy_mode=entropy_mode,
             mixture_weight=0.0,
@@ -398,7 +443,7 @@ class TestMixtureOfPromptsLoss:
     def test_half_precision_finite(self, dtype, assignment) -> None:
         images, prompts, labels = problem(dtype=dtype)
         images[0] = 0.0
-        loss_fn = MixtureOfPromptsLoss(
+        loss_fn = make_loss(
             assignment=assignment, entropy_mode="marginal", num_classes=4, n_subprompts=3
         )
         out = loss_fn(images, prompts, labels)
@@ -406,7 +451,7 @@ class TestMixtureOfPromptsLoss:
         for key in SCALAR_KEYS:
             assert torch.isfinite(out[key]), key
         assert torch.isfinite(prompts.grad).all() and prompts.grad.abs().sum() > 0
-        reference_fn = MixtureOfPromptsLoss(assignment=assignment, entropy_mode="marginal")
+        reference_fn = make_loss(assignment=assignment, entropy_mode="marginal")
         expected = reference_fn(images.float(), prompts.detach().float(), labels)
         torch.testing.assert_close(out["ce"].float(), expected["ce"], atol=0.15, rtol=0.05)
 
@@ -427,7 +472,7 @@ def test_property_decomposition_and_finite_gradients(
 ) -> None:
     images = torch.from_numpy(images).to(dtype)
     prompts = torch.from_numpy(prompts).to(dtype).requires_grad_()
-    loss_fn = MixtureOfPromptsLoss(
+    loss_fn = make_loss(
         assignment=assignment, entropy_mode=entropy_mode, diversity_weight=0.3, entropy_weight=0.2
     )
     out = loss_fn(images, prompts, torch.from_numpy(labels))
@@ -451,7 +496,7 @@ def test_property_entropy_gradient_reaches_subprompts(
 ) -> None:
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
     prompts = torch.from_numpy(prompts).requires_grad_()
-    loss_fn = MixtureOfPromptsLoss(
+    loss_fn = make_loss(
         entropy_mode=entropy_mode, assignment=assignment, assigner_scale=5.0, tau=1.0
     )
     # Whenever the entropy depends on the own-class cosines at all ...
@@ -462,3 +507,66 @@ def test_property_entropy_gradient_reaches_subprompts(
     # ... its gradient reaches the sub-prompts (it is not computed on detached assignments).
     (grad,) = torch.autograd.grad(loss_fn(images, prompts, labels)["entropy"], prompts)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+class TestRegularizers:
+    """Extra named terms: weighted into the loss, reported, fed from forward's keywords."""
+
+    def test_term_is_weighted_reported_and_gets_its_inputs(self) -> None:
+        images, prompts, labels = problem()
+        target = torch.randn(prompts.shape[-1])
+        plain = MixtureOfPromptsLoss()(images, prompts, labels)
+        loss_fn = MixtureOfPromptsLoss(regularizers={"pull": (TakesSubprompts(), 2.5)})
+        out = loss_fn(images, prompts, labels, target=target)
+        expected = (prompts - target).pow(2).mean()
+        torch.testing.assert_close(out["pull"], expected)
+        torch.testing.assert_close(out["loss"], plain["loss"] + 2.5 * expected)
+        (grad,) = torch.autograd.grad(out["loss"] - plain["loss"], prompts)
+        torch.testing.assert_close(grad, 2.5 * 2 * (prompts - target).detach() / prompts.numel())
+
+    def test_logits_input_carries_gradient(self) -> None:
+        class LogitNorm(torch.nn.Module):
+            inputs = ("logits", "labels")
+
+            def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+                return logits.gather(1, labels[:, None]).mean()
+
+        images, prompts, labels = problem()
+        out = MixtureOfPromptsLoss(regularizers={"own": (LogitNorm(), 1.0)})(
+            images, prompts, labels
+        )
+        torch.testing.assert_close(out["own"], out["logits"].gather(1, labels[:, None]).mean())
+        (grad,) = torch.autograd.grad(out["own"], prompts)
+        assert grad.abs().sum() > 0
+
+    def test_missing_and_unused_inputs_are_named(self) -> None:
+        images, prompts, labels = problem()
+        loss_fn = MixtureOfPromptsLoss(regularizers={"pull": (TakesSubprompts(), 1.0)})
+        with pytest.raises(TypeError, match=r"'pull' \(TakesSubprompts\) needs target="):
+            loss_fn(images, prompts, labels)
+        with pytest.raises(TypeError, match=r"anchor_features.*no regularizer takes"):
+            loss_fn(images, prompts, labels, target=prompts, anchor_features=prompts)
+        with pytest.raises(TypeError, match="no regularizer takes"):
+            MixtureOfPromptsLoss()(images, prompts, labels, target=prompts)
+
+    def test_zero_weight_reports_a_connected_zero(self) -> None:
+        images, prompts, labels = problem()
+        loss_fn = MixtureOfPromptsLoss(regularizers={"pull": (TakesSubprompts(), 0.0)})
+        out = loss_fn(images, prompts, labels, target=torch.zeros(8))
+        assert out["pull"].item() == 0.0 and out["pull"].requires_grad
+
+    def test_regularizers_move_with_the_loss(self) -> None:
+        loss_fn = MixtureOfPromptsLoss(regularizers={"pull": (TakesSubprompts(), 1.0)})
+        assert "regularizers.pull" in dict(loss_fn.named_modules())
+        assert "regularizer_weights=(pull=1.0)" in repr(loss_fn)
+
+
+def test_logits_method_is_the_classifier_forward_trains() -> None:
+    images, prompts, labels = problem()
+    for aggregation in AGGREGATIONS:
+        loss_fn = MixtureOfPromptsLoss(aggregation=aggregation, tau=0.7)
+        out = loss_fn(images, prompts, labels, logit_scale=20.0)
+        logits = loss_fn.logits(images, prompts, logit_scale=20.0)
+        torch.testing.assert_close(logits.detach(), out["logits"])
+        torch.testing.assert_close(F.cross_entropy(logits, labels), out["ce"])
+        assert logits.requires_grad

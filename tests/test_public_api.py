@@ -73,14 +73,11 @@ CONSTRUCTORS = {
         ("entropy_weight", None),
         ("mixture_weight", None),
         ("aggregation", "logsumexp"),
-        ("assignment", "soft"),
-        ("entropy_mode", "marginal"),
         ("tau", 0.3),
-        ("num_classes", None),
-        ("n_subprompts", None),
-        ("assigner_scale", 100.0),
-        ("sinkhorn_iterations", 3),
+        ("assigner", None),
+        ("entropy", None),
         ("diversity", None),
+        ("regularizers", None),
         ("sync_distributed", False),
     ],
 }
@@ -173,6 +170,7 @@ def test_forward_signatures() -> None:
         "labels",
         "logit_scale",
         "tau",
+        "regularizer_inputs",
     ]
     assert forward["logit_scale"].default == 100.0 and forward["tau"].default is None
     assigner = inspect.signature(promptmix.SoftEMAssigner.forward).parameters

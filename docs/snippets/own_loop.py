@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from promptmix import (
+    AssignmentEntropy,
     DiversityLoss,
     MixtureOfPromptsLoss,
     OffsetMixtureOfPrompts,
@@ -21,7 +22,6 @@ from promptmix import (
     TemperatureSchedule,
     detect_collapse,
 )
-from promptmix import functional as PF
 
 CLASSNAMES = ["sedan", "coupe", "pickup truck", "minivan", "convertible", "station wagon"]
 LOOKS = 2  # each class really comes in two looks (say, front and side views)
@@ -54,12 +54,11 @@ def make_loss(steps: int, regularise: bool) -> tuple[MixtureOfPromptsLoss, Tempe
         return before, schedule
     schedule = TemperatureSchedule(start=3.0, end=0.3, total_steps=steps)
     loss_fn = MixtureOfPromptsLoss(
-        entropy_mode="marginal",
         entropy_weight=0.3,
+        # marginal entropy with a running usage estimate per class
+        entropy=AssignmentEntropy("marginal", num_classes=len(CLASSNAMES), n_subprompts=LOOKS),
         diversity=DiversityLoss(margin=0.8),
         tau=schedule,
-        num_classes=len(CLASSNAMES),  # with n_subprompts: a running usage estimate per class
-        n_subprompts=LOOKS,
     )
     return loss_fn, schedule
 
@@ -98,8 +97,8 @@ def main(steps: int = 300, regularise: bool = True, seed: int = 0) -> dict:
 
     with torch.no_grad():  # held-out: accuracy, and which sub-prompt claims each image
         subprompts = prompts()
-        similarities = PF.subprompt_similarities(test_images, subprompts)
-        accuracy = (PF.class_logits(similarities).argmax(-1) == test_labels).float().mean().item()
+        logits = loss_fn.logits(test_images, subprompts)
+        accuracy = (logits.argmax(-1) == test_labels).float().mean().item()
         claimed = SoftEMAssigner("hard")(test_images, subprompts, test_labels)
         report = detect_collapse(subprompts, claimed, test_labels)
     print(f"held-out accuracy {accuracy:.1%}; {report.message}")

@@ -1,6 +1,6 @@
 import torch
 
-from promptmix import MixtureOfPromptsLoss, TemperatureSchedule, detect_collapse
+from promptmix import AssignmentEntropy, MixtureOfPromptsLoss, TemperatureSchedule, detect_collapse
 
 torch.manual_seed(0)
 num_classes, n_subprompts, dim, steps = 10, 4, 512, 1000
@@ -13,11 +13,10 @@ labels = torch.randint(0, num_classes, (64,))
 
 schedule = TemperatureSchedule(start=3.0, end=0.3, total_steps=steps)
 loss_fn = MixtureOfPromptsLoss(
-    entropy_mode="marginal",  # spread each class's usage over its sub-prompts
-    entropy_weight=0.3,
     tau=schedule,
-    num_classes=num_classes,  # with n_subprompts: a running usage estimate per class
-    n_subprompts=n_subprompts,
+    # spread each class's usage over its sub-prompts, with a running usage estimate per class
+    entropy=AssignmentEntropy("marginal", num_classes=num_classes, n_subprompts=n_subprompts),
+    entropy_weight=0.3,
 )
 out = loss_fn(image_features, subprompts, labels)
 out["loss"].backward()  # gradients reach the sub-prompts

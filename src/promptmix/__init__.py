@@ -1,7 +1,7 @@
 """promptmix: mixture-of-prompts learning for CLIP, with the regularizers that stop mode collapse.
 
-The public API is listed in ``__all__``; the maths behind each module is in
-:mod:`promptmix.functional`, the collapse diagnostics in :mod:`promptmix.diagnostics`.
+The public API is listed in `__all__`; the maths behind each module is in
+`promptmix.functional`, the collapse diagnostics in `promptmix.diagnostics`.
 """
 
 from promptmix import diagnostics, functional

@@ -1,6 +1,6 @@
 """Argument checks shared by the functional API and the modules.
 
-Every check raises a ``ValueError`` or ``TypeError`` whose message names the argument, what was
+Every check raises a `ValueError` or `TypeError` whose message names the argument, what was
 expected and what was given, so a wrong call fails at the call site instead of as a NaN later.
 """
 
@@ -14,14 +14,14 @@ from torch import Tensor
 
 
 def check_tensor(name: str, value: object) -> Tensor:
-    """Return ``value`` if it is a tensor, raise ``TypeError`` otherwise."""
+    """Return `value` if it is a tensor, raise `TypeError` otherwise."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor but is {type(value).__name__}.")
     return value
 
 
 def check_floating(name: str, value: object) -> Tensor:
-    """Return ``value`` if it is a floating-point tensor."""
+    """Return `value` if it is a floating-point tensor."""
     tensor = check_tensor(name, value)
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor but has dtype {tensor.dtype}.")
@@ -29,9 +29,9 @@ def check_floating(name: str, value: object) -> Tensor:
 
 
 def check_rank(name: str, value: object, ranks: Sequence[int], shape: str) -> Tensor:
-    """Return ``value`` if it is a floating-point tensor of one of ``ranks`` dimensions.
+    """Return `value` if it is a floating-point tensor of one of `ranks` dimensions.
 
-    ``shape`` describes the expected layout for the message, e.g. ``"(num_classes, K, dim)"``.
+    `shape` describes the expected layout for the message, e.g. `"(num_classes, K, dim)"`.
     """
     tensor = check_floating(name, value)
     if tensor.dim() not in ranks:
@@ -40,7 +40,7 @@ def check_rank(name: str, value: object, ranks: Sequence[int], shape: str) -> Te
 
 
 def check_subprompts(name: str, tensor: Tensor, dim: int) -> None:
-    """Raise ``ValueError`` unless ``tensor`` has ``K >= 1`` sub-prompts along ``dim``."""
+    """Raise `ValueError` unless `tensor` has `K >= 1` sub-prompts along `dim`."""
     if tensor.shape[dim] < 1:
         raise ValueError(
             f"{name} must have K >= 1 sub-prompts along dimension {dim} but has shape "
@@ -49,7 +49,7 @@ def check_subprompts(name: str, tensor: Tensor, dim: int) -> None:
 
 
 def check_labels(name: str, labels: object, batch: int, num_classes: int | None) -> Tensor:
-    """Return ``labels`` if it is an integer tensor of shape ``(batch,)`` with values in range."""
+    """Return `labels` if it is an integer tensor of shape `(batch,)` with values in range."""
     tensor = check_tensor(name, labels)
     if tensor.dtype in (torch.bool,) or tensor.is_floating_point() or tensor.is_complex():
         raise TypeError(f"{name} must be an integer tensor but has dtype {tensor.dtype}.")
@@ -65,7 +65,7 @@ def check_labels(name: str, labels: object, batch: int, num_classes: int | None)
 
 
 def check_simplex(name: str, probabilities: Tensor) -> None:
-    """Raise ``ValueError`` unless every row of ``probabilities`` is on the probability simplex.
+    """Raise `ValueError` unless every row of `probabilities` is on the probability simplex.
 
     The tolerance grows with the dtype's rounding error, so float16/bfloat16 softmax rows pass.
     """
@@ -87,7 +87,7 @@ def check_simplex(name: str, probabilities: Tensor) -> None:
 
 
 def check_positive(name: str, value: object, *, allow_zero: bool = False) -> float:
-    """Return ``value`` as a float if it is a finite real number ``> 0`` (or ``>= 0``)."""
+    """Return `value` as a float if it is a finite real number `> 0` (or `>= 0`)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number but is {type(value).__name__}.")
     number = float(value)
@@ -99,7 +99,7 @@ def check_positive(name: str, value: object, *, allow_zero: bool = False) -> flo
 
 
 def check_int(name: str, value: object, *, minimum: int) -> int:
-    """Return ``value`` if it is an ``int`` ``>= minimum``."""
+    """Return `value` if it is an `int` `>= minimum`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int but is {type(value).__name__}.")
     if value < minimum:
@@ -108,14 +108,14 @@ def check_int(name: str, value: object, *, minimum: int) -> int:
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``choices``."""
+    """Return `value` if it is one of `choices`."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))} but is {value!r}.")
     return str(value)
 
 
 def check_unit_interval(name: str, value: object, *, closed_right: bool = False) -> float:
-    """Return ``value`` if it is a real number in ``[0, 1)`` (or ``[0, 1]``)."""
+    """Return `value` if it is a real number in `[0, 1)` (or `[0, 1]`)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number but is {type(value).__name__}.")
     number = float(value)

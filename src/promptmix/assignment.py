@@ -1,4 +1,4 @@
-"""``SoftEMAssigner``: the E-step that assigns each image to its class's sub-prompts."""
+"""`SoftEMAssigner`: the E-step that assigns each image to its class's sub-prompts."""
 
 from __future__ import annotations
 
@@ -12,30 +12,31 @@ from promptmix._validation import check_choice, check_int, check_positive
 class SoftEMAssigner(nn.Module):
     r"""Responsibilities of each image's class sub-prompts for the image (the E-step).
 
-    .. math::
-        \gamma_{bk} = \operatorname{softmax}_k\left(s \cos(x_b, t_{y_b k}) / \tau\right)
+    $$
+    \gamma_{bk} = \operatorname{softmax}_k\left(s \cos(x_b, t_{y_b k}) / \tau\right)
+    $$
 
-    ``s`` (``scale``, default 100 = CLIP's logit scale) puts cosines on the scale CLIP's
-    classifier uses, so ``tau = 1`` assigns like CLIP would score the sub-prompts, and ``tau``
+    `s` (`scale`, default 100 = CLIP's logit scale) puts cosines on the scale CLIP's
+    classifier uses, so `tau = 1` assigns like CLIP would score the sub-prompts, and `tau`
     below 1 sharpens.
 
     Modes:
-        - ``"soft"``: the softmax above; it carries gradient (an entropy term on it trains prompts).
-        - ``"hard"``: the one-hot argmax of ``"soft"``.
-        - ``"sinkhorn"``: balanced assignment of each class's images over its K sub-prompts
+        - `"soft"`: the softmax above; it carries gradient (an entropy term on it trains prompts).
+        - `"hard"`: the one-hot argmax of `"soft"`.
+        - `"sinkhorn"`: balanced assignment of each class's images over its K sub-prompts
           (Sinkhorn-Knopp, as in SwAV); best with several images per class in a batch.
 
     Args:
-        mode: ``"soft"``, ``"hard"`` or ``"sinkhorn"``.
-        scale: similarity scale ``s > 0``.
-        sinkhorn_iterations: normalisation rounds for ``"sinkhorn"``, ``>= 1``.
-        sync_distributed: balance ``"sinkhorn"`` over the global batch of all DDP processes.
+        mode: `"soft"`, `"hard"` or `"sinkhorn"`.
+        scale: similarity scale `s > 0`.
+        sinkhorn_iterations: normalisation rounds for `"sinkhorn"`, `>= 1`.
+        sync_distributed: balance `"sinkhorn"` over the global batch of all DDP processes.
 
     Shape:
-        - image_features: ``(batch, dim)``.
-        - subprompt_features: ``(num_classes, K, dim)`` with ``labels`` ``(batch,)``, or
-          ``(batch, K, dim)`` already gathered per image with ``labels=None``.
-        - output: ``(batch, K)``, non-negative rows that sum to 1.
+        - image_features: `(batch, dim)`.
+        - subprompt_features: `(num_classes, K, dim)` with `labels` `(batch,)`, or
+          `(batch, K, dim)` already gathered per image with `labels=None`.
+        - output: `(batch, K)`, non-negative rows that sum to 1.
 
     Examples:
         >>> import torch
@@ -71,14 +72,14 @@ class SoftEMAssigner(nn.Module):
         labels: Tensor | None = None,
         tau: float = 1.0,
     ) -> Tensor:
-        """Responsibilities ``(batch, K)``; see the class docstring for shapes."""
+        """Responsibilities `(batch, K)`; see the class docstring for shapes."""
         similarities = PF.own_class_similarities(image_features, subprompt_features, labels)
         return self.from_similarities(similarities, labels, tau=tau)
 
     def from_similarities(
         self, similarities: Tensor, labels: Tensor | None = None, *, tau: float = 1.0
     ) -> Tensor:
-        """Responsibilities from precomputed own-class cosines ``(batch, K)``."""
+        """Responsibilities from precomputed own-class cosines `(batch, K)`."""
         if self.mode == "sinkhorn" and self.sync_distributed and distributed.is_distributed():
             local_batch = similarities.shape[0]
             all_similarities = distributed.gather_no_grad(similarities.detach())

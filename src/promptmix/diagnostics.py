@@ -3,7 +3,7 @@
 Mode collapse shows in two numbers per class: the sub-prompts' mean pairwise cosine (collapsed
 mixtures sit at 0.94-0.96) and the share of assignments the dominant sub-prompt takes (~99%).
 These functions compute them, plus the effective number of sub-prompts in use, and
-:func:`detect_collapse` turns them into a verdict.
+`detect_collapse` turns them into a verdict.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from promptmix._validation import check_int, check_labels, check_rank, check_uni
 
 @torch.no_grad()
 def mean_pairwise_cosine(subprompt_features: Tensor) -> Tensor:
-    """Mean cosine over pairs ``i < j`` of each class's sub-prompts.
+    """Mean cosine over pairs `i < j` of each class's sub-prompts.
 
     Args:
-        subprompt_features: ``(num_classes, K, dim)``.
+        subprompt_features: `(num_classes, K, dim)`.
 
     Returns:
-        ``(num_classes,)``; ``K == 1`` gives 1 (a single sub-prompt is fully "collapsed").
+        `(num_classes,)`; `K == 1` gives 1 (a single sub-prompt is fully "collapsed").
 
     Examples:
         >>> mean_pairwise_cosine(torch.eye(3).unsqueeze(0))
@@ -44,13 +44,13 @@ def subprompt_usage(responsibilities: Tensor, labels: Tensor, num_classes: int) 
     """Share of each class's assignments that each sub-prompt receives.
 
     Args:
-        responsibilities: ``(batch, K)`` rows on the simplex (soft or hard).
-        labels: ``(batch,)`` integer classes.
+        responsibilities: `(batch, K)` rows on the simplex (soft or hard).
+        labels: `(batch,)` integer classes.
         num_classes: total number of classes.
 
     Returns:
-        ``(num_classes, K)`` rows on the simplex; a class with no image gets a row of NaN, so it
-        cannot pass for a balanced one (use ``torch.nanmean`` to average).
+        `(num_classes, K)` rows on the simplex; a class with no image gets a row of NaN, so it
+        cannot pass for a balanced one (use `torch.nanmean` to average).
 
     Examples:
         >>> gamma = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
@@ -69,13 +69,13 @@ def subprompt_usage(responsibilities: Tensor, labels: Tensor, num_classes: int) 
 
 
 def dominant_share(usage: Tensor) -> Tensor:
-    """Share of the most used sub-prompt per class: ``1/K`` is balanced, 1 is collapsed.
+    """Share of the most used sub-prompt per class: `1/K` is balanced, 1 is collapsed.
 
     Args:
-        usage: ``(num_classes, K)`` from :func:`subprompt_usage`.
+        usage: `(num_classes, K)` from `subprompt_usage`.
 
     Returns:
-        ``(num_classes,)``.
+        `(num_classes,)`.
 
     Examples:
         >>> dominant_share(torch.tensor([[0.25, 0.75], [0.5, 0.5]]))
@@ -86,13 +86,13 @@ def dominant_share(usage: Tensor) -> Tensor:
 
 
 def effective_subprompts(usage: Tensor) -> Tensor:
-    r"""Effective number of sub-prompts in use, :math:`\exp H(u_c)`, from 1 (collapsed) to K.
+    r"""Effective number of sub-prompts in use, $\exp H(u_c)$, from 1 (collapsed) to K.
 
     Args:
-        usage: ``(num_classes, K)`` from :func:`subprompt_usage`.
+        usage: `(num_classes, K)` from `subprompt_usage`.
 
     Returns:
-        ``(num_classes,)``.
+        `(num_classes,)`.
 
     Examples:
         >>> effective_subprompts(torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]))
@@ -104,7 +104,7 @@ def effective_subprompts(usage: Tensor) -> Tensor:
 
 @dataclass
 class CollapseReport:
-    """The verdict of :func:`detect_collapse`, with the numbers behind it (means over classes)."""
+    """The verdict of `detect_collapse`, with the numbers behind it (means over classes)."""
 
     collapsed: bool
     mean_cosine: float
@@ -129,18 +129,18 @@ def detect_collapse(
 ) -> CollapseReport:
     """Flag mode collapse: sub-prompts too alike, or one sub-prompt taking the assignments.
 
-    A class is collapsed when its mean pairwise sub-prompt cosine is above ``cosine_threshold`` or,
-    given assignments, its dominant sub-prompt takes more than ``share_threshold`` of them.
+    A class is collapsed when its mean pairwise sub-prompt cosine is above `cosine_threshold` or,
+    given assignments, its dominant sub-prompt takes more than `share_threshold` of them.
 
     Args:
-        subprompt_features: ``(num_classes, K, dim)``.
-        responsibilities: ``(batch, K)`` assignments, or ``None`` to judge features only.
-        labels: ``(batch,)`` classes of ``responsibilities``' rows (required with them).
-        cosine_threshold: in ``[0, 1]``.
-        share_threshold: in ``[0, 1]``.
+        subprompt_features: `(num_classes, K, dim)`.
+        responsibilities: `(batch, K)` assignments, or `None` to judge features only.
+        labels: `(batch,)` classes of `responsibilities`' rows (required with them).
+        cosine_threshold: in `[0, 1]`.
+        share_threshold: in `[0, 1]`.
 
     Returns:
-        A :class:`CollapseReport`.
+        A `CollapseReport`.
 
     Examples:
         >>> report = detect_collapse(torch.ones(4, 3, 8))

@@ -1,7 +1,7 @@
 """Gathering batch statistics across processes (DDP) for terms that need the whole batch.
 
 Marginal entropy and Sinkhorn balance act on a class's images across the *global* batch; with
-``torch.distributed`` each process only sees its shard, so these helpers concatenate the shards.
+`torch.distributed` each process only sees its shard, so these helpers concatenate the shards.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import Tensor
 
 
 def is_distributed() -> bool:
-    """Whether a ``torch.distributed`` process group is initialised with more than one process."""
+    """Whether a `torch.distributed` process group is initialised with more than one process."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -31,7 +31,7 @@ def _check_equal_sizes(tensor: Tensor) -> None:
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
-    """``all_gather`` whose backward sums each rank's gradient and returns this rank's rows."""
+    """`all_gather` whose backward sums each rank's gradient and returns this rank's rows."""
 
     @staticmethod
     def forward(ctx: Any, tensor: Tensor) -> Tensor:
@@ -52,17 +52,17 @@ def _all_gather(tensor: Tensor) -> Tensor:
 
 
 def gather_with_grad(tensor: Tensor) -> Tensor:
-    """Concatenate ``tensor`` from all processes along dim 0, keeping the local part's gradient.
+    """Concatenate `tensor` from all processes along dim 0, keeping the local part's gradient.
 
     Every process computes the same loss on the gathered batch, so the backward pass sums the
     processes' gradients for this rank's rows; DDP's gradient averaging then gives the gradient of
     the single-process loss on the global batch.
 
     Args:
-        tensor: ``(local_batch, ...)``, the same shape on every process.
+        tensor: `(local_batch, ...)`, the same shape on every process.
 
     Returns:
-        ``(world_size * local_batch, ...)`` in rank order; ``tensor`` itself when not distributed.
+        `(world_size * local_batch, ...)` in rank order; `tensor` itself when not distributed.
 
     Examples:
         >>> gather_with_grad(torch.ones(2, 3)).shape  # single process: unchanged
@@ -75,7 +75,7 @@ def gather_with_grad(tensor: Tensor) -> Tensor:
 
 
 def gather_no_grad(tensor: Tensor) -> Tensor:
-    """Like :func:`gather_with_grad` for tensors that need no gradient (labels, detached scores)."""
+    """Like `gather_with_grad` for tensors that need no gradient (labels, detached scores)."""
     if not is_distributed():
         return tensor
     _check_equal_sizes(tensor)
@@ -83,7 +83,7 @@ def gather_no_grad(tensor: Tensor) -> Tensor:
 
 
 def local_slice(gathered: Tensor, local_batch: int) -> Tensor:
-    """The rows of this process in a tensor from :func:`gather_with_grad`/``gather_no_grad``."""
+    """The rows of this process in a tensor from `gather_with_grad`/`gather_no_grad`."""
     if not is_distributed():
         return gathered
     start = dist.get_rank() * local_batch

@@ -1,4 +1,4 @@
-"""``DiversityLoss``: keeps a class's sub-prompts apart so the mixture cannot collapse into one."""
+"""`DiversityLoss`: keeps a class's sub-prompts apart so the mixture cannot collapse into one."""
 
 from __future__ import annotations
 
@@ -11,22 +11,23 @@ from promptmix._validation import check_choice, check_positive, check_unit_inter
 class DiversityLoss(nn.Module):
     r"""Mean (squared) pairwise cosine between each class's sub-prompt features.
 
-    .. math::
-        L = \frac{1}{C} \sum_c \frac{2}{K(K-1)} \sum_{i<j}
-            \max\left(0, |\cos(t_{ci}, t_{cj})| - m\right)^p
+    $$
+    L = \frac{1}{C} \sum_c \frac{2}{K(K-1)} \sum_{i<j}
+        \max\left(0, |\cos(t_{ci}, t_{cj})| - m\right)^p
+    $$
 
-    Returns the **unweighted** value; :class:`~promptmix.MixtureOfPromptsLoss` applies the weight.
-    Identical sub-prompts give ``(1 - m)^p`` (1 by default), mutually orthogonal ones give 0.
+    Returns the **unweighted** value; `MixtureOfPromptsLoss` applies the weight.
+    Identical sub-prompts give `(1 - m)^p` (1 by default), mutually orthogonal ones give 0.
 
     Args:
-        power: exponent ``p >= 1`` (2 penalises near-duplicates much more than mild overlap).
-        margin: ``m`` in ``[0, 1)``: pairs with ``|cos| <= m`` are not penalised, so sub-prompts
+        power: exponent `p >= 1` (2 penalises near-duplicates much more than mild overlap).
+        margin: `m` in `[0, 1)`: pairs with `|cos| <= m` are not penalised, so sub-prompts
             may share what the class has in common.
-        reduction: ``"mean"`` or ``"sum"`` over classes, or ``"none"`` for one value per class.
+        reduction: `"mean"` or `"sum"` over classes, or `"none"` for one value per class.
 
     Shape:
-        - subprompt_features: ``(num_classes, K, dim)``, normalised or not.
-        - output: scalar, or ``(num_classes,)`` with ``reduction="none"``.
+        - subprompt_features: `(num_classes, K, dim)`, normalised or not.
+        - output: scalar, or `(num_classes,)` with `reduction="none"`.
 
     Examples:
         >>> import torch
@@ -48,7 +49,7 @@ class DiversityLoss(nn.Module):
         )
 
     def forward(self, subprompt_features: Tensor) -> Tensor:
-        """Diversity loss of ``subprompt_features`` ``(num_classes, K, dim)``."""
+        """Diversity loss of `subprompt_features` `(num_classes, K, dim)`."""
         return PF.diversity_loss(
             subprompt_features, power=self.power, margin=self.margin, reduction=self.reduction
         )

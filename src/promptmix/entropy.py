@@ -1,4 +1,4 @@
-"""``AssignmentEntropy``: the entropy of sub-prompt assignments, maximised so they spread."""
+"""`AssignmentEntropy`: the entropy of sub-prompt assignments, maximised so they spread."""
 
 from __future__ import annotations
 
@@ -13,32 +13,32 @@ from promptmix._validation import check_choice, check_int, check_positive, check
 class AssignmentEntropy(nn.Module):
     r"""Entropy of the responsibilities, in nats (a positive number that the objective maximises).
 
-    - ``"sample"`` (default, as in the design note): :math:`\frac{1}{B}\sum_b H(\gamma_b)`.
-    - ``"marginal"``: per class in the batch, :math:`H(\bar\gamma_c)` of its mean assignment,
+    - `"sample"` (default, as in the design note): $\frac{1}{B}\sum_b H(\gamma_b)$.
+    - `"marginal"`: per class in the batch, $H(\bar\gamma_c)$ of its mean assignment,
       averaged over classes: spreads *usage* without forcing each image to be uncertain.
-    - ``"mutual_information"``: per class, marginal minus the class's mean sample entropy
+    - `"mutual_information"`: per class, marginal minus the class's mean sample entropy
       (the mutual information between image and sub-prompt), averaged over classes.
 
     **Small classes per batch.** With few-shot data a class often has 1-4 images in a batch, and
-    with one image the marginal entropy is just that image's entropy. Give ``num_classes`` and
-    ``n_subprompts`` and the module keeps a running usage estimate :math:`u_c` per class (an
+    with one image the marginal entropy is just that image's entropy. Give `num_classes` and
+    `n_subprompts` and the module keeps a running usage estimate $u_c$ per class (an
     exponential moving average of the class's mean assignment, a buffer saved with the model);
-    the class mean becomes :math:`(\sum_{b\in c}\gamma_b + n_0 u_c)/(n_c + n_0)` with
-    ``prior_count`` :math:`= n_0`. The estimate is a constant in the gradient, which therefore
+    the class mean becomes $(\sum_{b\in c}\gamma_b + n_0 u_c)/(n_c + n_0)$ with
+    `prior_count` $= n_0$. The estimate is a constant in the gradient, which therefore
     pushes this batch's images toward the sub-prompts the class has been under-using.
 
     Args:
-        mode: ``"sample"``, ``"marginal"`` or ``"mutual_information"``.
-        normalize: divide by ``log K``, so the value lies in ``[0, 1]``.
+        mode: `"sample"`, `"marginal"` or `"mutual_information"`.
+        normalize: divide by `log K`, so the value lies in `[0, 1]`.
         num_classes: number of classes, to keep a running usage estimate (marginal modes).
-        n_subprompts: ``K``, with ``num_classes``.
-        momentum: EMA momentum of the usage estimate, in ``[0, 1)``.
-        prior_count: weight ``n_0 >= 0`` of the usage estimate, in images.
+        n_subprompts: `K`, with `num_classes`.
+        momentum: EMA momentum of the usage estimate, in `[0, 1)`.
+        prior_count: weight `n_0 >= 0` of the usage estimate, in images.
         sync_distributed: compute the marginal terms over the global batch of all DDP processes.
 
     Shape:
-        - responsibilities: ``(batch, K)``, rows on the probability simplex.
-        - labels: ``(batch,)`` integer classes, or ``None`` (the batch is one class).
+        - responsibilities: `(batch, K)`, rows on the probability simplex.
+        - labels: `(batch,)` integer classes, or `None` (the batch is one class).
         - output: scalar.
 
     Examples:
@@ -85,7 +85,7 @@ class AssignmentEntropy(nn.Module):
         self.register_buffer("usage", usage)
 
     def forward(self, responsibilities: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Entropy of ``responsibilities`` ``(batch, K)``; see the class docstring."""
+        """Entropy of `responsibilities` `(batch, K)`; see the class docstring."""
         if self.sync_distributed and self.mode != "sample" and distributed.is_distributed():
             responsibilities = distributed.gather_with_grad(responsibilities)
             labels = None if labels is None else distributed.gather_no_grad(labels)

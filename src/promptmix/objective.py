@@ -1,6 +1,8 @@
-"""``MixtureOfPromptsLoss``: classification, EM pull, diversity and entropy in one objective."""
+"""`MixtureOfPromptsLoss`: classification, EM pull, diversity, entropy and extra regularizers."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -15,83 +17,149 @@ from promptmix.entropy import AssignmentEntropy
 from promptmix.schedule import TemperatureSchedule
 
 DEFAULT_DIVERSITY_WEIGHT = 0.1
-# The design note had sample entropy at 0.01. benchmarks/collapse.py measured that it does not
-# stop collapse (dominant share 0.95, NMI 0.09 against the true modes), while the per-class
-# marginal entropy at 0.3 does (dominant share 0.39, NMI 0.68 with these defaults and a default
-# TemperatureSchedule): these are the defaults.
 DEFAULT_ENTROPY_WEIGHT = 0.3
 DEFAULT_ENTROPY_MODE: PF.EntropyMode = "marginal"
 DEFAULT_MIXTURE_WEIGHT = 1.0
+
+#: The keys of the loss's output dict; an extra regularizer's name may not be one of them.
+OUTPUT_KEYS = ("loss", "ce", "mixture", "diversity", "entropy", "tau", "logits", "responsibilities")
+#: What the loss itself hands to a regularizer that names it in its `inputs`.
+BUILTIN_INPUTS = ("image_features", "subprompt_features", "labels", "logits")
 
 
 def _weight(name: str, value: float | None, default: float) -> float:
     return default if value is None else check_positive(name, value, allow_zero=True)
 
 
+def _check_sync(name: str, part: nn.Module, sync_distributed: bool) -> None:
+    if bool(getattr(part, "sync_distributed", sync_distributed)) != sync_distributed:
+        raise ValueError(
+            f"{name}.sync_distributed must equal the loss's sync_distributed={sync_distributed} "
+            f"but is {part.sync_distributed}; configure both the same way."
+        )
+
+
+def _check_regularizers(
+    regularizers: Mapping[str, tuple[nn.Module, float]],
+) -> tuple[dict[str, nn.Module], dict[str, float]]:
+    """Validated `{name: module}` and `{name: weight}` from `{name: (module, weight)}`."""
+    if not isinstance(regularizers, Mapping):
+        raise TypeError(
+            "regularizers must be a mapping {name: (module, weight)} but is "
+            f"{type(regularizers).__name__}."
+        )
+    modules: dict[str, nn.Module] = {}
+    weights: dict[str, float] = {}
+    for name, entry in regularizers.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"regularizers keys must be identifiers but one is {name!r}.")
+        if name in OUTPUT_KEYS:
+            raise ValueError(
+                f"regularizers[{name!r}] would shadow the loss's own output key {name!r}; "
+                f"choose a name other than {', '.join(map(repr, OUTPUT_KEYS))}."
+            )
+        if not (isinstance(entry, tuple) and len(entry) == 2):
+            raise TypeError(
+                f"regularizers[{name!r}] must be a (module, weight) tuple but is {entry!r}."
+            )
+        module, weight = entry
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"regularizers[{name!r}] must hold an nn.Module but holds "
+                f"{type(module).__name__}."
+            )
+        inputs = getattr(module, "inputs", None)
+        if not (isinstance(inputs, tuple) and all(isinstance(i, str) for i in inputs)):
+            raise TypeError(
+                f"regularizers[{name!r}] ({type(module).__name__}) must declare the keyword "
+                f"arguments it takes as a tuple of names in `inputs` but has {inputs!r}."
+            )
+        modules[name] = module
+        weights[name] = check_positive(f"regularizers[{name!r}] weight", weight, allow_zero=True)
+    return modules, weights
+
+
 class MixtureOfPromptsLoss(nn.Module):
     r"""The training objective of a mixture of prompts, with the cure for mode collapse built in.
 
-    .. math::
-        L = \mathrm{CE}(\ell(x), y)
-          + w_m \frac{1}{B}\sum_{b,k} \bar\gamma_{bk}\,(1 - \cos(x_b, t_{y_b k}))
-          + w_d\,\mathrm{Div}(t_{\text{batch classes}})
-          - w_e\,H(\gamma)
+    $$
+    L = \mathrm{CE}(\ell(x), y)
+      + w_m \frac{1}{B}\sum_{b,k} \bar\gamma_{bk}\,(1 - \cos(x_b, t_{y_b k}))
+      + w_d\,\mathrm{Div}(t_{\text{batch classes}})
+      - w_e\,H(\gamma)
+      + \sum_r w_r R_r
+    $$
 
-    - ``ce``: cross-entropy of class logits that pool each class's K similarities
-      (``aggregation``, default ``"logsumexp"``: the mixture's log-likelihood, see
-      :func:`promptmix.functional.class_logits`).
-    - ``mixture``: the EM M-step: each sub-prompt is pulled toward the images assigned to it, with
-      the assigner's responsibilities :math:`\bar\gamma` *detached* (they are targets).
-    - ``diversity``: :class:`DiversityLoss` over the classes present in the batch.
-    - ``entropy``: :class:`AssignmentEntropy` of the *soft* responsibilities at ``tau``, with their
-      gradient, so maximising it moves the sub-prompts. Skipped with ``assignment="hard"`` (as in
-      the design note: hard assignments have no entropy to spread).
+    - `ce`: cross-entropy of the class logits of `logits()`, which pool each class's K
+      similarities (`aggregation`, default `"logsumexp"`: the mixture's log-likelihood, see
+      `promptmix.functional.class_logits`).
+    - `mixture`: the EM M-step: each sub-prompt is pulled toward the images assigned to it, with
+      the `assigner`'s responsibilities $\bar\gamma$ *detached* (they are targets).
+    - `diversity`: the `diversity` module over the classes present in the batch.
+    - `entropy`: the `entropy` module on the *soft* responsibilities at `tau`, with their
+      gradient, so maximising it moves the sub-prompts. Skipped when the assigner is `"hard"`
+      (hard assignments have no entropy to spread).
+    - one term per entry of `regularizers`, reported under its name.
 
-    A weight left as ``None`` takes its default (diversity 0.1, entropy 0.3, mixture 1.0); a
-    weight of 0 switches its term off (it is reported as a graph-connected zero and not computed).
+    The parts are configured modules, passed in as pytorch-metric-learning's losses take reducers:
+    `assigner=SoftEMAssigner(...)`, `entropy=AssignmentEntropy(...)`,
+    `diversity=DiversityLoss(...)`. A weight left as `None` takes its default (diversity 0.1,
+    entropy 0.3, mixture 1.0); a weight of 0 switches its term off (it is reported as a
+    graph-connected zero and not computed). The evidence for the defaults is in `docs/tuning.md`.
+
+    **Extra regularizers.** `regularizers={"anchor": (PromptAnchor(), 8.0)}` adds
+    $w \cdot R$ for each entry. Each module declares in its `inputs` attribute (a tuple of names)
+    the keyword arguments its `forward` takes; the loss passes `image_features`,
+    `subprompt_features` (all classes), `labels` and `logits` (the class logits, with their
+    gradient) itself, and any other name, such as `anchor_features=`, must be passed to this
+    loss's `forward` as a keyword argument. A name may not shadow a key of the output dict.
 
     Args:
-        diversity_weight: :math:`w_d \ge 0`.
-        entropy_weight: :math:`w_e \ge 0`.
-        mixture_weight: :math:`w_m \ge 0`.
-        aggregation: how class logits pool the K sub-prompts: ``"logsumexp"``, ``"max"``,
-            ``"mean"`` or ``"responsibility"``.
-        assignment: E-step mode for the EM targets: ``"soft"``, ``"hard"`` or ``"sinkhorn"``.
-        entropy_mode: ``"marginal"`` (default), ``"sample"`` or ``"mutual_information"``. The
-            design note's sample entropy at 0.01 does not stop collapse in
-            ``benchmarks/collapse.py``; marginal entropy at 0.3 does (``docs/tuning.md``).
-        tau: a fixed temperature, or a :class:`TemperatureSchedule` (stored as ``self.schedule``,
-            saved in ``state_dict``; call ``schedule.step()`` once per iteration yourself).
-        num_classes: with ``n_subprompts``, keeps a running usage estimate for marginal entropy.
-        n_subprompts: ``K``, with ``num_classes``.
-        assigner_scale: similarity scale of the E-step (see :class:`SoftEMAssigner`).
-        sinkhorn_iterations: normalisation rounds of ``assignment="sinkhorn"``.
-        diversity: a configured :class:`DiversityLoss` to use instead of the default one.
-        sync_distributed: gather batch statistics (Sinkhorn, marginal entropy, the classes whose
-            sub-prompts the diversity term sees) across DDP processes.
+        diversity_weight: $w_d \ge 0$.
+        entropy_weight: $w_e \ge 0$.
+        mixture_weight: $w_m \ge 0$.
+        aggregation: how class logits pool the K sub-prompts: `"logsumexp"`, `"max"`,
+            `"mean"` or `"responsibility"`.
+        tau: a fixed temperature, or a `TemperatureSchedule` (stored as `self.schedule`,
+            saved in `state_dict`; call `schedule.step()` once per iteration yourself).
+        assigner: the E-step for the EM targets; default `SoftEMAssigner("soft")`.
+        entropy: the entropy term; default `AssignmentEntropy("marginal")`. Give it
+            `num_classes` and `n_subprompts` to keep a running usage estimate per class.
+        diversity: the diversity term; default `DiversityLoss()`.
+        regularizers: extra terms, `{name: (module, weight)}`.
+        sync_distributed: gather the classes whose sub-prompts the diversity term sees across DDP
+            processes; the default assigner and entropy are built with the same setting, and
+            configured ones must match it.
 
     Shape:
-        - image_features: ``(batch, dim)``.
-        - subprompt_features: ``(num_classes, K, dim)``.
-        - labels: ``(batch,)`` integer classes in ``[0, num_classes)``.
-        - output: a dict of tensors: ``"loss"``, ``"ce"``, ``"mixture"``, ``"diversity"``,
-          ``"entropy"`` (scalars; ``"entropy"`` is the unweighted, positive entropy), ``"tau"``
-          (0-dim), ``"logits"`` ``(batch, num_classes)`` and ``"responsibilities"``
-          ``(batch, K)``, the EM targets (both detached).
+        - image_features: `(batch, dim)`.
+        - subprompt_features: `(num_classes, K, dim)`.
+        - labels: `(batch,)` integer classes in `[0, num_classes)`.
+        - output: a dict of tensors: `"loss"`, `"ce"`, `"mixture"`, `"diversity"`,
+          `"entropy"` (scalars; `"entropy"` is the unweighted, positive entropy), `"tau"`
+          (0-dim), `"logits"` `(batch, num_classes)` and `"responsibilities"`
+          `(batch, K)`, the EM targets (both detached), and one unweighted scalar per extra
+          regularizer.
 
     Examples:
         >>> import torch
-        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-        <torch._C.Generator object at ...>
+        >>> from promptmix import AssignmentEntropy, SoftEMAssigner
+        >>> _ = torch.manual_seed(0)
         >>> subprompts = torch.randn(5, 3, 16, requires_grad=True)
         >>> images, labels = torch.randn(8, 16), torch.randint(0, 5, (8,))
-        >>> loss_fn = MixtureOfPromptsLoss(tau=TemperatureSchedule(total_steps=100))
+        >>> loss_fn = MixtureOfPromptsLoss(
+        ...     tau=TemperatureSchedule(total_steps=100),
+        ...     assigner=SoftEMAssigner("sinkhorn"),
+        ...     entropy=AssignmentEntropy("marginal", num_classes=5, n_subprompts=3),
+        ... )
         >>> out = loss_fn(images, subprompts, labels)
         >>> sorted(out)
         ['ce', 'diversity', 'entropy', 'logits', 'loss', 'mixture', 'responsibilities', 'tau']
         >>> out["loss"].backward(); loss_fn.schedule.step()
         >>> subprompts.grad.shape
         torch.Size([5, 3, 16])
+        >>> loss_fn.logits(images, subprompts).shape  # the classifier, for evaluation
+        torch.Size([8, 5])
     """
 
     schedule: TemperatureSchedule | None
@@ -103,14 +171,11 @@ class MixtureOfPromptsLoss(nn.Module):
         entropy_weight: float | None = None,
         mixture_weight: float | None = None,
         aggregation: PF.Aggregation = "logsumexp",
-        assignment: PF.AssignmentMode = "soft",
-        entropy_mode: PF.EntropyMode = DEFAULT_ENTROPY_MODE,
         tau: float | TemperatureSchedule = 0.3,
-        num_classes: int | None = None,
-        n_subprompts: int | None = None,
-        assigner_scale: float = 100.0,
-        sinkhorn_iterations: int = 3,
+        assigner: SoftEMAssigner | None = None,
+        entropy: AssignmentEntropy | None = None,
         diversity: DiversityLoss | None = None,
+        regularizers: Mapping[str, tuple[nn.Module, float]] | None = None,
         sync_distributed: bool = False,
     ):
         super().__init__()
@@ -127,23 +192,93 @@ class MixtureOfPromptsLoss(nn.Module):
         else:
             self.schedule, self.fixed_tau = None, check_positive("tau", tau)
         self.sync_distributed = bool(sync_distributed)
-        self.assigner = SoftEMAssigner(
-            assignment,
-            scale=assigner_scale,
-            sinkhorn_iterations=sinkhorn_iterations,
-            sync_distributed=sync_distributed,
-        )
+        for name, part, kind in (
+            ("assigner", assigner, SoftEMAssigner),
+            ("entropy", entropy, AssignmentEntropy),
+            ("diversity", diversity, DiversityLoss),
+        ):
+            if part is not None and not isinstance(part, kind):
+                raise TypeError(
+                    f"{name} must be an instance of {kind.__name__} but is {type(part).__name__}."
+                )
+        if assigner is None:
+            assigner = SoftEMAssigner("soft", sync_distributed=self.sync_distributed)
+        if entropy is None:
+            entropy = AssignmentEntropy(
+                DEFAULT_ENTROPY_MODE, sync_distributed=self.sync_distributed
+            )
+        _check_sync("assigner", assigner, self.sync_distributed)
+        _check_sync("entropy", entropy, self.sync_distributed)
+        self.assigner = assigner
+        self.entropy = entropy
         self.diversity = diversity if diversity is not None else DiversityLoss()
-        self.entropy = AssignmentEntropy(
-            entropy_mode,
-            num_classes=num_classes,
-            n_subprompts=n_subprompts,
-            sync_distributed=sync_distributed,
-        )
+        modules, self.regularizer_weights = _check_regularizers(regularizers or {})
+        self.regularizers = nn.ModuleDict(modules)
 
     def current_tau(self) -> float:
         """The temperature the next call uses when none is passed."""
         return self.schedule() if self.schedule is not None else float(self.fixed_tau)  # type: ignore[arg-type]
+
+    def _class_logits(
+        self, similarities: Tensor, logit_scale: float | Tensor, tau: float
+    ) -> Tensor:
+        return PF.class_logits(
+            similarities,
+            logit_scale=logit_scale,
+            aggregation=self.aggregation,
+            tau=tau,
+            assigner_scale=self.assigner.scale,
+        )
+
+    def logits(
+        self,
+        image_features: Tensor,
+        subprompt_features: Tensor,
+        *,
+        logit_scale: float | Tensor = 100.0,
+        tau: float | None = None,
+    ) -> Tensor:
+        """The mixture's classifier: class logits that pool each class's K similarities.
+
+        The same logits the loss trains on (`aggregation`), for evaluation and inference.
+
+        Args:
+            image_features: `(batch, dim)`, normalised or not.
+            subprompt_features: `(num_classes, K, dim)`, normalised or not.
+            logit_scale: positive float or 0-dim tensor, e.g. CLIP's `logit_scale.exp()`.
+            tau: temperature of the `"responsibility"` aggregation; `None` takes the current one.
+
+        Returns:
+            `(batch, num_classes)` logits, with gradient where the inputs have one.
+        """
+        tau = self.current_tau() if tau is None else check_positive("tau", tau)
+        similarities = PF.subprompt_similarities(image_features, subprompt_features)
+        return self._class_logits(similarities, logit_scale, tau)
+
+    def _regularizer_terms(
+        self, zero: Tensor, available: dict[str, Tensor], extra: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        wanted = {name for module in self.regularizers.values() for name in module.inputs}
+        unused = sorted(set(extra) - wanted)
+        if unused:
+            raise TypeError(
+                f"forward() got keyword argument(s) {', '.join(unused)} that no regularizer "
+                f"takes; the regularizers take: {', '.join(sorted(wanted)) or 'nothing'}."
+            )
+        terms: dict[str, Tensor] = {}
+        for name, module in self.regularizers.items():
+            missing = [i for i in module.inputs if i not in available and i not in extra]
+            if missing:
+                raise TypeError(
+                    f"regularizer {name!r} ({type(module).__name__}) needs "
+                    f"{', '.join(f'{m}=' for m in missing)} passed to the loss's forward()."
+                )
+            if not self.regularizer_weights[name]:
+                terms[name] = zero
+                continue
+            kwargs = {i: extra[i] if i in extra else available[i] for i in module.inputs}
+            terms[name] = module(**kwargs)
+        return terms
 
     def forward(
         self,
@@ -153,8 +288,19 @@ class MixtureOfPromptsLoss(nn.Module):
         *,
         logit_scale: float | Tensor = 100.0,
         tau: float | None = None,
+        **regularizer_inputs: Tensor,
     ) -> dict[str, Tensor]:
-        """Loss and its parts; see the class docstring for shapes."""
+        """Loss and its parts; see the class docstring for shapes.
+
+        Args:
+            image_features: `(batch, dim)`.
+            subprompt_features: `(num_classes, K, dim)`.
+            labels: `(batch,)` integer classes.
+            logit_scale: the classifier's scale, e.g. CLIP's `logit_scale.exp()`.
+            tau: the E-step temperature; `None` takes the schedule's (or the fixed) one.
+            **regularizer_inputs: what the extra regularizers need beyond the loss's own
+                inputs, e.g. `anchor_features=` for `PromptAnchor`.
+        """
         tau = self.current_tau() if tau is None else check_positive("tau", tau)
         similarities = PF.subprompt_similarities(image_features, subprompt_features)
         check_labels("labels", labels, image_features.shape[0], subprompt_features.shape[0])
@@ -162,14 +308,8 @@ class MixtureOfPromptsLoss(nn.Module):
         batch = similarities.shape[0]
         own = similarities[torch.arange(batch, device=labels.device), labels]  # (batch, K)
 
-        logits = PF.class_logits(
-            similarities,
-            logit_scale=logit_scale,
-            aggregation=self.aggregation,
-            tau=tau,
-            assigner_scale=self.assigner.scale,
-        )
-        # ``.long()``: cross_entropy rejects int32 targets that every other step accepts.
+        logits = self._class_logits(similarities, logit_scale, tau)
+        # `.long()`: cross_entropy rejects int32 targets that every other step accepts.
         ce = F.cross_entropy(logits, labels.long()) if batch else zero
 
         targets = self.assigner.from_similarities(own.detach(), labels, tau=tau)
@@ -189,12 +329,22 @@ class MixtureOfPromptsLoss(nn.Module):
             soft = PF.responsibilities_from_similarities(own, tau=tau, scale=self.assigner.scale)
             entropy = self.entropy(soft, labels)
 
+        available = {
+            "image_features": image_features,
+            "subprompt_features": subprompt_features,
+            "labels": labels,
+            "logits": logits,
+        }
+        extra_terms = self._regularizer_terms(zero, available, regularizer_inputs)
+
         loss = (
             ce
             + self.mixture_weight * mixture
             + self.diversity_weight * diversity
             - self.entropy_weight * entropy
         )
+        for name, term in extra_terms.items():
+            loss = loss + self.regularizer_weights[name] * term
         return {
             "loss": loss,
             "ce": ce,
@@ -204,10 +354,13 @@ class MixtureOfPromptsLoss(nn.Module):
             "tau": torch.tensor(tau),
             "logits": logits.detach(),
             "responsibilities": targets.detach(),
+            **extra_terms,
         }
 
     def extra_repr(self) -> str:
+        weights = ", ".join(f"{name}={w}" for name, w in self.regularizer_weights.items())
         return (
             f"diversity_weight={self.diversity_weight}, entropy_weight={self.entropy_weight}, "
             f"mixture_weight={self.mixture_weight}, aggregation={self.aggregation!r}"
+            + (f", regularizer_weights=({weights})" if weights else "")
         )
