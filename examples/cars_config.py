@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,10 @@ class DataConfig:
     layout: str = "auto"
     #: name of CoOp's split file inside ``root`` (the ``"coop"`` layout).
     split_file: str = "split_zhou_StanfordCars.json"
+    #: CoCoOp's base-to-new protocol: ``"all"`` classes, the ``"base"`` half (the first
+    #: ceil(n/2) labels) or the ``"new"`` half (the rest), each relabelled from 0. The few-shot
+    #: sample is drawn over all classes first, so a seed picks the same images in every setting.
+    subsample_classes: str = "all"
 
 
 @dataclass
@@ -196,6 +201,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.anchor_distance": ("cosine", "l2", "l1"),
     "model.zero_shot_reduction": ("batchmean", "mean", "sum"),
     "data.layout": ("auto", "original", "coop", "folders"),
+    "data.subsample_classes": ("all", "base", "new"),
     "train.optimizer": ("sgd", "adamw"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -296,6 +302,14 @@ def _check_ranges(cfg: DictConfig) -> None:
     for key, ok, expected in checks:
         if not ok:
             raise ConfigError(f"{key} must be {expected} but is {OmegaConf.select(cfg, key)}.")
+    if cfg.model.em_tau_start < cfg.model.em_tau_end:
+        warnings.warn(
+            f"model.em_tau_start ({cfg.model.em_tau_start}) is below model.em_tau_end "
+            f"({cfg.model.em_tau_end}): the E-step temperature rises during training, so the "
+            "assignments grow softer instead of sharper. Swap them unless you mean it.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def load_config(
