@@ -63,6 +63,7 @@ class GaussianPromptAverage:
         mean: float = 15.0,
         std: float = 1.0,
     ):
+        named: dict[str, Tensor]
         if isinstance(module, nn.Module):
             named = {n: p for n, p in module.named_parameters() if p.requires_grad}
         elif isinstance(module, Mapping):
