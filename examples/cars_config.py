@@ -100,6 +100,17 @@ class ModelConfig:
     dispersion_loss_weight: float = 0.0
     #: bandwidth t of the dispersion's Gaussian potential exp(-t d^2) (DAPT: 2).
     dispersion_bandwidth: float = 2.0
+    #: ProGrad: project the rest of the loss's gradient off the direction that opposes the
+    #: zero-shot KL's (needs ``zero_shot_loss_weight > 0``; one process).
+    prograd: bool = False
+    #: ProGrad's lambda: 1 removes the whole conflicting component.
+    prograd_strength: float = 1.0
+    #: PromptSRC's Gaussian-weighted average of the prompts over epochs, used after training.
+    prompt_averaging: bool = False
+    #: centre of the Gaussian over epochs (PromptSRC: 15 of 20 epochs).
+    prompt_averaging_mean: float = 15.0
+    #: width of the Gaussian over epochs (PromptSRC: 1).
+    prompt_averaging_std: float = 1.0
 
 
 @dataclass
@@ -281,6 +292,13 @@ def _check_ranges(cfg: DictConfig) -> None:
         ("model.text_to_text_noise_std", cfg.model.text_to_text_noise_std >= 0, ">= 0"),
         ("model.dispersion_loss_weight", cfg.model.dispersion_loss_weight >= 0, ">= 0"),
         ("model.dispersion_bandwidth", cfg.model.dispersion_bandwidth > 0, "> 0"),
+        (
+            "model.prograd",
+            not cfg.model.prograd or cfg.model.zero_shot_loss_weight > 0,
+            "false unless model.zero_shot_loss_weight > 0 (its reference gradient)",
+        ),
+        ("model.prograd_strength", cfg.model.prograd_strength >= 0, ">= 0"),
+        ("model.prompt_averaging_std", cfg.model.prompt_averaging_std > 0, "> 0"),
         (
             "model.hand_crafted_templates",
             len(cfg.model.hand_crafted_templates) >= 1

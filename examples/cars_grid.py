@@ -79,7 +79,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def final_accuracy(run_dir: Path) -> float | None:
     """The last test accuracy a run recorded (``None``: the run has not finished)."""
     records = read_records(run_dir / "metrics.jsonl")
-    done = [r for r in records if r["event"] in ("epoch", "eval") and "test_accuracy" in r]
+    events = ("epoch", "eval", "prompt_average")
+    done = [r for r in records if r["event"] in events and "test_accuracy" in r]
     if not done or not (run_dir / "config.yaml").exists():
         return None
     epochs = [r["epoch"] for r in records if r["event"] == "epoch"]

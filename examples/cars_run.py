@@ -163,6 +163,11 @@ class Run:
     """Everything one call of ``train_cars.py`` builds, and the loop that uses it."""
 
     def __init__(self, cfg: DictConfig, runtime: Runtime, resume: Path | None = None):
+        if cfg.model.prograd and runtime.distributed:
+            raise ConfigError(
+                "model.prograd runs two backward passes that DDP does not all-reduce; train it "
+                "with one process."
+            )
         self.cfg, self.runtime, self.paths = cfg, runtime, run_paths(cfg)
         seed_everything(cfg.train.seed)
         splits = self._load_data()
@@ -185,6 +190,16 @@ class Run:
             classnames=self.classnames,
         ).to(runtime.device)
         self.epoch, self.step = 0, 0
+        self.average = (
+            promptmix.GaussianPromptAverage(
+                self.learner,
+                total_epochs=cfg.train.epochs,
+                mean=cfg.model.prompt_averaging_mean,
+                std=cfg.model.prompt_averaging_std,
+            )
+            if cfg.model.prompt_averaging
+            else None
+        )
         self.trainer = self._build_trainer(resume)
         if runtime.is_main:
             self.paths["config"].write_text(to_yaml(cfg))
@@ -313,6 +328,8 @@ class Run:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
+        if self.average is not None:
+            self.average.load_state_dict(checkpoint["prompt_average"])
         states = checkpoint["rng"]
         if len(states) != self.runtime.world_size:
             logger.warning(
@@ -345,6 +362,7 @@ class Run:
                 "optimizer": trainer.optimizer.state_dict(),
                 "scheduler": trainer.scheduler.state_dict(),
                 "scaler": trainer.scaler.state_dict(),
+                "prompt_average": None if self.average is None else self.average.state_dict(),
                 "rng": rng_states,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "classnames": self.classnames,
@@ -385,6 +403,8 @@ class Run:
             seconds = time.perf_counter() - start
             train_seconds += seconds
             self.epoch, self.step = epoch, self.step + len(self.batches)
+            if self.average is not None:
+                self.average.update()
             subprompts = self.trainer.subprompt_features()
             record = {
                 "event": "epoch",
@@ -410,8 +430,33 @@ class Run:
                 seconds,
             )
             self.save_checkpoint()
+        if self.average is not None and self.epoch == cfg.train.epochs:
+            record = self._use_prompt_average(record)
         self._report_speedup(train_seconds, first_epoch)
         return record
+
+    def _use_prompt_average(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Replace the prompts by their Gaussian-weighted average over epochs and evaluate it."""
+        assert self.average is not None
+        last = record.get("test_accuracy")
+        self.average.copy_to(self.learner)
+        subprompts = self.trainer.subprompt_features()
+        accuracy = self.trainer.accuracy(self.test_features, self.test_labels, subprompts)
+        logger.info(
+            "prompt average over %d epochs: test top-1 %.2f%% (last epoch's prompts: %s)",
+            self.epoch,
+            accuracy,
+            "not evaluated" if last is None else f"{last:.2f}%",
+        )
+        averaged = {
+            "event": "prompt_average",
+            "epoch": self.epoch,
+            "step": self.step,
+            "test_accuracy": accuracy,
+        } | self._diagnose(subprompts).summary()
+        self.metrics.write(averaged)
+        self.save_checkpoint()  # the checkpoint now holds the averaged prompts
+        return record | {"test_accuracy": accuracy}
 
     def _evaluates(self, epoch: int) -> bool:
         return epoch % self.cfg.train.eval_every == 0 or epoch == self.cfg.train.epochs

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cars_fixtures import (
+    cars_checkpoint,
     cars_config,
+    cars_metrics,
     cars_model,
     old_config,
     one_torch_thread,
@@ -155,3 +157,69 @@ def test_tiny_run_with_every_regularizer(tmp_path: Path) -> None:
     for r in steps:  # the regularizers add positive terms to the documented combination
         builtin = r["ce"] + r["mixture"] + 0.1 * r["diversity"] - 0.3 * r["entropy"]
         assert math.isfinite(r["loss"]) and r["loss"] > builtin + 1e-3
+
+
+def _tiny_run(tmp_path: Path, *overrides: str, epochs: int = 2) -> Path:
+    data_root = tmp_path / "cars"
+    write_original(data_root)
+    output = tmp_path / "run"
+    status = train_cars.main(
+        [
+            "--config",
+            str(old_config(tmp_path / "config.yaml")),
+            "--data-root",
+            str(data_root),
+            "--output-dir",
+            str(output),
+            "output.plots=false",
+            f"train.epochs={epochs}",
+            *overrides,
+        ]
+    )
+    assert status == train_cars.EXIT_OK
+    return output
+
+
+def test_extra_terms_are_logged_per_step(tmp_path: Path) -> None:
+    output = _tiny_run(tmp_path, "model.anchor_loss_weight=8", epochs=1)
+    for r in step_records(output):
+        builtin = r["ce"] + r["mixture"] + 0.1 * r["diversity"] - 0.3 * r["entropy"]
+        assert math.isclose(r["loss"], builtin + 8 * r["anchor"], rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_prograd_applies_the_projected_gradient(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+    real = promptmix.prograd_backward
+
+    def spy(loss, reference, parameters, **kwargs):
+        calls.append(kwargs)
+        return real(loss, reference, parameters, **kwargs)
+
+    monkeypatch.setattr(promptmix, "prograd_backward", spy)
+    output = _tiny_run(
+        tmp_path,
+        "model.zero_shot_loss_weight=1",
+        "model.prograd=true",
+        "model.prograd_strength=0.5",
+    )
+    assert calls and all(c == {"strength": 0.5} for c in calls)
+    assert all(math.isfinite(r["zero_shot"]) for r in step_records(output))
+
+
+def test_prograd_needs_the_zero_shot_term() -> None:
+    with pytest.raises(cars_config.ConfigError, match=r"model\.prograd"):
+        _cfg("model.prograd=true")
+
+
+def test_prompt_averaging_ends_on_the_gaussian_average(tmp_path: Path) -> None:
+    output = _tiny_run(
+        tmp_path, "model.prompt_averaging=true", "model.prompt_averaging_mean=1", epochs=2
+    )
+    records = cars_metrics.read_records(output / "metrics.jsonl")
+    averaged = [r for r in records if r["event"] == "prompt_average"]
+    assert len(averaged) == 1 and averaged[0]["epoch"] == 2
+    saved = cars_checkpoint.load_checkpoint(output / "checkpoints" / "last.pt")
+    state = saved["prompt_average"]
+    assert state["epoch"] == 2 and state["averages"]
+    for name, value in state["averages"].items():  # the final prompts are the average
+        torch.testing.assert_close(saved["learner"][name].float(), value)
