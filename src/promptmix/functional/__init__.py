@@ -1,11 +1,12 @@
 """The maths of promptmix as pure functions; the modules are thin, validated wrappers around them.
 
 One file per topic: `similarity` (cosines and class logits), `estep` (responsibilities and
-Sinkhorn), `entropy`, `diversity`, `schedule`, `kmeans` (data-driven starting points) and
-`usage` (a usage floor, reviving dead sub-prompts). Shapes use `B` for the batch, `C` for
-classes, `K` for sub-prompts per class and `D` for the embedding dimension. Every function
-accepts raw (unnormalised) features and normalises internally; a zero vector gives zeros and a
-zero gradient, never NaN, in every dtype.
+Sinkhorn), `entropy`, `diversity`, `schedule`, `kmeans` (data-driven starting points), `usage`
+(a usage floor, reviving dead sub-prompts), and the field's regularizers: `anchors`
+(KgCoOp/PromptSRC), `consistency` (zero-shot distillation), `text_to_text` (LASP) and
+`dispersion` (DAPT). Shapes use `B` for the batch, `C` for classes, `K` for sub-prompts per class
+and `D` for the embedding dimension. Every function accepts raw (unnormalised) features and
+normalises internally; a zero vector gives zeros and a zero gradient, never NaN, in every dtype.
 """
 
 # The mode lists and their Literal types are importable from here too (not in `__all__`).
@@ -23,6 +24,18 @@ from promptmix.functional._common import (
     ScheduleKind,
     connected_zero,
 )
+from promptmix.functional.anchors import (
+    ANCHOR_DISTANCES,
+    AnchorDistance,
+    anchor_distances,
+    prompt_anchor_loss,
+)
+from promptmix.functional.consistency import KL_REDUCTIONS, KLReduction, zero_shot_consistency
+from promptmix.functional.dispersion import (
+    class_prototypes,
+    dispersion_loss,
+    image_prototype_loss,
+)
 from promptmix.functional.diversity import diversity_loss
 from promptmix.functional.entropy import assignment_entropy, class_mean_responsibilities, entropy
 from promptmix.functional.estep import (
@@ -38,18 +51,24 @@ from promptmix.functional.similarity import (
     pairwise_cosine,
     subprompt_similarities,
 )
+from promptmix.functional.text_to_text import text_to_text_loss
 from promptmix.functional.usage import revive_dead_subprompts, usage_floor
 
 __all__ = [
+    "anchor_distances",
     "assignment_entropy",
     "class_logits",
     "class_mean_responsibilities",
+    "class_prototypes",
     "connected_zero",
+    "dispersion_loss",
     "diversity_loss",
     "entropy",
+    "image_prototype_loss",
     "kmeans_subprompts",
     "own_class_similarities",
     "pairwise_cosine",
+    "prompt_anchor_loss",
     "responsibilities",
     "responsibilities_from_similarities",
     "revive_dead_subprompts",
@@ -57,5 +76,7 @@ __all__ = [
     "spherical_kmeans",
     "subprompt_similarities",
     "temperature_at",
+    "text_to_text_loss",
     "usage_floor",
+    "zero_shot_consistency",
 ]
