@@ -7,8 +7,8 @@ that names it and suggests the closest valid key.
 
 Examples:
     >>> cfg = load_config(None, ["model.n_subprompts=4", "train.epochs=2"])
-    >>> cfg.model.n_subprompts, cfg.train.epochs, cfg.model.diversity_loss_weight
-    (4, 2, 0.1)
+    >>> cfg.model.n_subprompts, cfg.train.epochs, cfg.model.mixture_loss_weight
+    (4, 2, 10.0)
 """
 
 from __future__ import annotations
@@ -54,11 +54,15 @@ class ModelConfig:
     class_specific: bool = True
     #: noise that starts the K sub-prompts apart, in units of a typical token embedding.
     init_noise_std: float = 0.1
+    #: how the K sub-prompts start: ``"kmeans"`` (moved to the per-class spherical k-means
+    #: centroids of the few-shot image features; docs/tuning.md recommends it) or ``"text"``
+    #: (the class prompt plus ``init_noise_std`` noise, as a plain CoOp learner starts).
+    init: str = "kmeans"
     #: re-encode prompt chunks during backward instead of storing them (less GPU memory).
     gradient_checkpointing: bool = False
     #: E-step temperature at the first step.
     em_tau_start: float = 1.0
-    #: E-step temperature at the last step; 0.3 rather than 0.05 keeps assignments soft.
+    #: E-step temperature at the last step (docs/tuning.md: 0.3).
     em_tau_end: float = 0.3
     #: shape of the temperature annealing: ``"linear"``, ``"cosine"`` or ``"exponential"``.
     em_tau_schedule: str = "linear"
@@ -72,13 +76,12 @@ class ModelConfig:
     #: how sub-prompt similarities become class logits: ``"logsumexp"``, ``"max"``, ``"mean"``,
     #: ``"responsibility"``.
     aggregation: str = "logsumexp"
-    #: weight of the mixture (EM) term.
-    mixture_loss_weight: float = 1.0
-    #: weight of the pairwise-cosine penalty between a class's sub-prompts.
-    diversity_loss_weight: float = 0.1
-    #: weight of the assignment entropy (maximised); 0.3 with marginal entropy stops collapse in
-    #: benchmarks/collapse.py where the design note's 0.01 sample entropy does not.
-    entropy_loss_weight: float = 0.3
+    #: weight of the mixture (EM) term (promptmix's default 10: benchmarks/suite.py).
+    mixture_loss_weight: float = 10.0
+    #: weight of the pairwise-cosine penalty between a class's sub-prompts (default 0: off).
+    diversity_loss_weight: float = 0.0
+    #: weight of the assignment entropy, maximised (promptmix's default 1 with marginal entropy).
+    entropy_loss_weight: float = 1.0
     #: hand-crafted prompts (``{}`` is the class name) whose frozen text features, averaged over
     #: the templates, are the anchors and the zero-shot classifier, and LASP's targets.
     hand_crafted_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
@@ -205,6 +208,7 @@ class ExperimentConfig:
 #: Allowed values of the string-valued choices.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.learner": ("mixture", "offset"),
+    "model.init": ("kmeans", "text"),
     "model.em_tau_schedule": ("linear", "cosine", "exponential"),
     "model.assignment": ("soft", "hard", "sinkhorn"),
     "model.entropy_mode": ("sample", "marginal", "mutual_information"),

@@ -230,6 +230,8 @@ def library_defaults() -> dict[str, Any]:
         "model.em_tau_start": schedule["start"].default,
         "model.em_tau_end": schedule["end"].default,
         "model.em_tau_schedule": schedule["kind"].default,
+        # The start docs/tuning.md recommends: per-class k-means of the training images.
+        "model.init": "kmeans",
     }
 
 
@@ -242,6 +244,7 @@ UNCURED = {
     "model.em_tau_start": 1.0,
     "model.em_tau_end": 0.05,
     "model.em_tau_schedule": "linear",
+    "model.init": "text",  # the class prompt plus noise, as a plain CoOp learner starts
 }
 
 

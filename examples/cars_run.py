@@ -40,7 +40,13 @@ from cars_features import (
     timed,
 )
 from cars_metrics import MetricsLog, read_records
-from cars_model import ClipBundle, autocast_dtype, build_learner, build_objective, load_clip
+from cars_model import (
+    ClipBundle,
+    autocast_dtype,
+    build_learner,
+    build_objective,
+    load_clip,
+)
 from cars_plots import draw_all
 from omegaconf import DictConfig, OmegaConf
 from torchvision.transforms import Compose, RandomHorizontalFlip
@@ -181,6 +187,8 @@ class Run:
         )
         self._encode_features(splits)
         self.learner = build_learner(cfg, self.clip, self.classnames)
+        if cfg.model.init == "kmeans" and resume is None:
+            self._initialize_from_kmeans()
         self.objective = build_objective(
             cfg,
             len(self.classnames),
@@ -255,6 +263,25 @@ class Run:
         )
         self.times.test_pass = test_seconds
         self._log_cache()
+
+    def _initialize_from_kmeans(self) -> None:
+        """Start each class's sub-prompts at the k-means centroids of its training images.
+
+        Every process holds all the training features and seeds the k-means alike, so all
+        processes start from the same prompts.
+        """
+        start = time.perf_counter()
+        promptmix.initialize_from_kmeans(
+            self.learner,
+            self.train_features.float(),
+            self.train_labels,
+            generator=torch.Generator().manual_seed(self.cfg.train.seed),
+        )
+        logger.info(
+            "sub-prompts start at the per-class k-means centroids of the training images "
+            "(model.init=kmeans) [%.1fs]",
+            time.perf_counter() - start,
+        )
 
     def _build_trainer(self, resume: Path | None) -> Trainer:
         """Optimiser, schedules and metrics log, restored from ``resume`` when given."""

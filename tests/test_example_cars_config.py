@@ -24,9 +24,9 @@ def test_default_yaml_documents_every_key_with_its_default() -> None:
 @pytest.mark.parametrize(
     ("name", "weights"),
     [
-        ("default.yaml", (0.1, 0.3, 1.0)),
+        ("default.yaml", (0.0, 1.0, 10.0)),
         ("stanford_cars.yaml", (0.0, 1.0, 10.0)),  # the suite's defaults (docs/tuning.md)
-        ("demo.yaml", (0.1, 0.3, 1.0)),
+        ("demo.yaml", (0.0, 1.0, 10.0)),
     ],
 )
 def test_shipped_configs_load(name: str, weights: tuple[float, float, float]) -> None:
@@ -51,7 +51,8 @@ def test_old_config_gets_regulariser_defaults_and_overrides_apply(tmp_path: Path
         old_config(tmp_path / "old.yaml"), ["model.n_subprompts=4", "train.epochs=3"]
     )
     assert (cfg.model.n_subprompts, cfg.train.epochs, cfg.train.shots) == (4, 3, 4)
-    assert cfg.model.diversity_loss_weight == 0.1 and cfg.model.entropy_loss_weight == 0.3
+    assert cfg.model.diversity_loss_weight == 0.0 and cfg.model.entropy_loss_weight == 1.0
+    assert cfg.model.mixture_loss_weight == 10.0 and cfg.model.init == "kmeans"
     assert cfg.model.em_tau_end == 0.3 and cfg.model.assignment == "soft"
 
 

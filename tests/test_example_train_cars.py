@@ -91,13 +91,14 @@ def _fail_at_call(monkeypatch: pytest.MonkeyPatch, call: int, action: str) -> No
 def test_old_config_trains_with_regulariser_defaults(uninterrupted: Path) -> None:
     saved = cars_checkpoint.load_checkpoint(uninterrupted / "checkpoints" / "last.pt")
     model = saved["config"]["model"]
-    assert (model["diversity_loss_weight"], model["entropy_loss_weight"]) == (0.1, 0.3)
+    weights = ("mixture_loss_weight", "diversity_loss_weight", "entropy_loss_weight")
+    assert tuple(model[w] for w in weights) == (10.0, 0.0, 1.0)
     assert (model["em_tau_start"], model["em_tau_end"]) == (1.0, 0.3)
     steps = step_records(uninterrupted)
     assert len(steps) == 4  # 16 images (4 shots x 4 classes), batch 8, 2 epochs
-    assert all(r["diversity"] > 0 and r["entropy"] > 0 for r in steps)
+    assert all(r["diversity"] == 0 and r["entropy"] > 0 for r in steps)  # diversity is off
     for r in steps:  # the objective's documented combination of its parts, with the defaults
-        expected = r["ce"] + r["mixture"] + 0.1 * r["diversity"] - 0.3 * r["entropy"]
+        expected = r["ce"] + 10 * r["mixture"] - r["entropy"]
         assert math.isclose(r["loss"], expected, rel_tol=1e-5)
     taus = [r["tau"] for r in steps]
     assert taus[0] == 1.0 and taus == sorted(taus, reverse=True) and taus[-1] > 0.3
