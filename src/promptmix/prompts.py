@@ -17,14 +17,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import Tensor, nn
 
 from promptmix._validation import check_int, check_positive
-from promptmix.text_tower import TextTower, encode_by_length
+from promptmix.text_tower import (
+    Chunk,
+    ChunkCost,
+    ChunkSize,
+    TextTower,
+    compute_dtype,
+    encode_in_chunks,
+    plan_chunks,
+)
 
 __all__ = ["MixtureOfPrompts", "OffsetMixtureOfPrompts"]
 
@@ -66,6 +75,15 @@ def _resolve_templates(
     return tuple(templates)
 
 
+def _check_chunk_size(chunk_size: object) -> ChunkSize:
+    """`"auto"`, `None` or an int `>= 1`."""
+    if chunk_size is None or chunk_size == "auto":
+        return cast(ChunkSize, chunk_size)
+    if isinstance(chunk_size, str):
+        raise ValueError(f"chunk_size must be 'auto', None or an int >= 1 but is {chunk_size!r}.")
+    return check_int("chunk_size", chunk_size, minimum=1)
+
+
 def _tokenize(tokenizer: Tokenizer, texts: list[str]) -> Tensor:
     token_ids = tokenizer(texts)
     if not isinstance(token_ids, Tensor) or token_ids.dim() != 2 or token_ids.is_floating_point():
@@ -85,8 +103,13 @@ def _tokenize_prompts(
     return rearrange(token_ids, "(c k) l -> c k l", k=len(templates))
 
 
-def _check_class_ids(class_ids: object, num_classes: int, device: torch.device) -> Tensor | None:
-    """``None`` or a non-empty 1-D int64 tensor of class ids in ``[0, num_classes)``."""
+def _check_class_ids(class_ids: object, num_classes: int) -> Tensor | None:
+    """`None` or a non-empty 1-D int64 tensor of class ids in `[0, num_classes)`, where it was.
+
+    Ids on the CPU (or given as a sequence) are checked on the host, with a message naming the
+    range that came; ids already on an accelerator are checked there by an asynchronous assertion,
+    so the check never waits for the device.
+    """
     if class_ids is None:
         return None
     if not isinstance(class_ids, Tensor):
@@ -102,12 +125,16 @@ def _check_class_ids(class_ids: object, num_classes: int, device: torch.device) 
         raise ValueError(
             f"class_ids must have shape (n,) with n >= 1 but has shape {tuple(class_ids.shape)}."
         )
-    low, high = int(class_ids.min()), int(class_ids.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"class_ids must lie in [0, {num_classes - 1}] but ranges over [{low}, {high}]."
-        )
-    return class_ids.to(device=device, dtype=torch.long)
+    if class_ids.device.type == "cpu":
+        low, high = int(class_ids.min()), int(class_ids.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"class_ids must lie in [0, {num_classes - 1}] but ranges over [{low}, {high}]."
+            )
+    else:
+        in_range = ((class_ids >= 0) & (class_ids < num_classes)).all()
+        torch._assert_async(in_range, f"class_ids must lie in [0, {num_classes - 1}].")
+    return class_ids.long()
 
 
 class MixtureOfPrompts(nn.Module):
@@ -191,7 +218,7 @@ class MixtureOfPrompts(nn.Module):
         class_specific: bool = True,
         templates: Sequence[str] | None = None,
         init_noise_std: float = 0.1,
-        chunk_size: int | None = 64,
+        chunk_size: ChunkSize = "auto",
         gradient_checkpointing: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -201,9 +228,7 @@ class MixtureOfPrompts(nn.Module):
         self.n_ctx = check_int("n_ctx", n_ctx, minimum=1)
         self.class_specific = bool(class_specific)
         self.init_noise_std = check_positive("init_noise_std", init_noise_std, allow_zero=True)
-        self.chunk_size = (
-            None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
-        )
+        self.chunk_size = _check_chunk_size(chunk_size)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self._tower = TextTower(clip_model)
 
@@ -225,6 +250,15 @@ class MixtureOfPrompts(nn.Module):
         device = self._tower.device
         self.register_buffer("token_ids", token_ids[..., :length].to(device), persistent=False)
         self.register_buffer("pool_positions", pool_positions.to(device), persistent=False)
+        # The encoding order (prompts sorted by end-of-text position) and the chunk plans depend
+        # only on these fixed ids: computed here on the host, never in a training step.
+        self._host_positions = pool_positions.flatten().cpu()
+        order = torch.argsort(self._host_positions, stable=True)
+        self._sorted_lengths: list[int] = (self._host_positions[order] + 1).tolist()
+        self.register_buffer("order", order.to(device), persistent=False)
+        self.register_buffer("inverse", torch.argsort(order).to(device), persistent=False)
+        self._plans: dict[tuple[str, torch.dtype, bool], tuple[Chunk, ...]] = {}
+        self._plan(device, self._tower.dtype)
 
         table = self._tower.embedding_table.detach()
         scale = table.float().pow(2).mean().sqrt().item()
@@ -270,46 +304,87 @@ class MixtureOfPrompts(nn.Module):
         """Dimension of the sub-prompt features."""
         return self._tower.output_dim
 
+    def _checkpointing(self) -> bool:
+        return self.gradient_checkpointing and torch.is_grad_enabled()
+
+    def _cost(self, device: torch.device, dtype: torch.dtype) -> ChunkCost:
+        return ChunkCost.default(self._tower, device, dtype, checkpointing=self._checkpointing())
+
+    def _plan(self, device: torch.device, dtype: torch.dtype) -> tuple[Chunk, ...]:
+        """The chunks of all prompts in sorted order for `device` and `dtype` (cached)."""
+        key = (device.type, dtype, self._checkpointing())
+        if key not in self._plans:
+            cost = self._cost(device, dtype)
+            lengths, chunk_size = self._sorted_lengths, self.chunk_size
+            self._plans[key] = plan_chunks(lengths, chunk_size=chunk_size, cost=cost)
+        return self._plans[key]
+
+    def _subset_plan(
+        self, ids: Tensor, device: torch.device, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor | None, tuple[Chunk, ...]]:
+        """Encoding order, inverse order and chunks of the prompts of classes `ids`.
+
+        Ids the host can read without waiting for a device (CPU tensors) are sorted and planned
+        like the full set; ids on an accelerator are encoded in their given order, cut at the
+        longest end-of-text position of all classes, so that nothing is read back from the device.
+        """
+        k = self.n_subprompts
+        rows = (ids[:, None] * k + torch.arange(k, device=ids.device)).flatten()
+        if ids.device.type != "cpu":
+            lengths = [int(self.token_ids.shape[-1])] * int(rows.shape[0])
+            plan = plan_chunks(lengths, chunk_size=self.chunk_size, cost=self._cost(device, dtype))
+            return rows.to(device), None, plan
+        permutation = torch.argsort(self._host_positions[rows], stable=True)
+        order = rows[permutation]
+        lengths = (self._host_positions[order] + 1).tolist()
+        plan = plan_chunks(lengths, chunk_size=self.chunk_size, cost=self._cost(device, dtype))
+        return order.to(device), torch.argsort(permutation).to(device), plan
+
     def forward(self, class_ids: Tensor | Sequence[int] | None = None) -> Tensor:
-        """Encode the sub-prompts of all classes, or of ``class_ids`` only.
+        """Encode the sub-prompts of all classes, or of `class_ids` only.
+
+        With `class_ids=None` nothing is read back from the device (no host synchronisation), so
+        a training step can run ahead of the GPU.
 
         Args:
-            class_ids: ``None`` for all classes, or class indices ``(n,)``.
+            class_ids: `None` for all classes, or class indices `(n,)`.
 
         Returns:
-            L2-normalised sub-prompt features ``(num_classes, K, dim)`` or ``(n, K, dim)``.
+            L2-normalised sub-prompt features `(num_classes, K, dim)` or `(n, K, dim)`.
         """
-        if self.context.device != self._tower.device:
+        device = self._tower.device
+        if self.context.device != device:
             raise RuntimeError(
                 f"the prompts are on {self.context.device} but the CLIP model is on "
-                f"{self._tower.device}; the model is held by reference, move it too."
+                f"{device}; the model is held by reference, move it too."
             )
-        ids = _check_class_ids(class_ids, self.num_classes, self.token_ids.device)
-        token_ids = self.token_ids if ids is None else self.token_ids[ids]
-        positions = self.pool_positions if ids is None else self.pool_positions[ids]
-        count = token_ids.shape[0]
-        if self.class_specific:
-            context = self.context if ids is None else self.context[ids]
+        dtype = compute_dtype(self._tower, device)
+        ids = _check_class_ids(class_ids, self.num_classes)
+        if ids is None:
+            order, inverse, chunks = self.order, self.inverse, self._plan(device, dtype)
         else:
-            context = repeat(self.context, "k n w -> c k n w", c=count)
-        token_ids = rearrange(token_ids, "c k l -> (c k) l")
-        positions = rearrange(positions, "c k -> (c k)")
-        context = rearrange(context, "c k n w -> (c k) n w")
-        start, end = self.context_start, self.context_start + self.n_ctx
+            order, inverse, chunks = self._subset_plan(ids, device, dtype)
+        token_ids = rearrange(self.token_ids, "c k l -> (c k) l")
+        positions = rearrange(self.pool_positions, "c k -> (c k)")
+        k, start, end = self.n_subprompts, self.context_start, self.context_start + self.n_ctx
+        if self.class_specific:
+            context, context_rows = rearrange(self.context, "c k n w -> (c k) n w"), order
+        else:
+            context, context_rows = self.context, order.remainder(k)
 
-        def encode(rows: Tensor, length: int) -> Tensor:
-            fixed = self._tower.token_embeddings(token_ids[rows, :length])
-            learned = context[rows].to(fixed.dtype)
+        def encode(first: int, stop: int, length: int) -> Tensor:
+            rows = order[first:stop]
+            fixed = self._tower.token_embeddings(token_ids[:, :length].index_select(0, rows))
+            learned = context.index_select(0, context_rows[first:stop]).to(fixed.dtype)
             embeddings = torch.cat([fixed[:, :start], learned, fixed[:, end:]], dim=1)
-            return self._tower.encode_embeddings(embeddings, positions[rows])
+            return self._tower.encode_embeddings(embeddings, positions.index_select(0, rows))
 
-        features = encode_by_length(
-            encode,
-            positions,
-            chunk_size=self.chunk_size,
-            gradient_checkpointing=self.gradient_checkpointing,
+        features = encode_in_chunks(
+            encode, chunks, gradient_checkpointing=self.gradient_checkpointing
         )
-        return rearrange(F.normalize(features, dim=-1), "(c k) d -> c k d", k=self.n_subprompts)
+        if inverse is not None:
+            features = features.index_select(0, inverse)
+        return rearrange(F.normalize(features, dim=-1), "(c k) d -> c k d", k=k)
 
     def extra_repr(self) -> str:
         return (
@@ -319,7 +394,7 @@ class MixtureOfPrompts(nn.Module):
         )
 
 
-def _encode_frozen(clip_model: nn.Module, token_ids: Tensor, chunk_size: int | None) -> Tensor:
+def _encode_frozen(clip_model: nn.Module, token_ids: Tensor, chunk_size: ChunkSize) -> Tensor:
     """``clip_model.encode_text(token_ids)`` ``(N, dim)`` without a graph, cut where possible."""
     try:
         tower: TextTower | None = TextTower(clip_model)
@@ -338,7 +413,8 @@ def _encode_frozen(clip_model: nn.Module, token_ids: Tensor, chunk_size: int | N
                     "has none."
                 )
             device = next(clip_model.parameters()).device
-            chunks = token_ids.split(chunk_size or max(len(token_ids), 1))
+            rows = 256 if chunk_size == "auto" else chunk_size or max(len(token_ids), 1)
+            chunks = token_ids.split(rows)
             return torch.cat([encode_text(chunk.to(device)) for chunk in chunks])
     finally:
         clip_model.train(was_training)
@@ -398,14 +474,14 @@ class OffsetMixtureOfPrompts(nn.Module):
         ctx_init: str | None = "a photo of a",
         templates: Sequence[str] | None = None,
         init_noise_std: float = 0.1,
-        chunk_size: int | None = 256,
+        chunk_size: ChunkSize = "auto",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.classnames = _check_classnames(classnames)
         self.n_subprompts = check_int("n_subprompts", n_subprompts, minimum=1)
         self.init_noise_std = check_positive("init_noise_std", init_noise_std, allow_zero=True)
-        chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
+        chunk_size = _check_chunk_size(chunk_size)
         if not isinstance(clip_model, nn.Module):
             raise TypeError(
                 f"clip_model must be an open_clip model (torch.nn.Module) but is "
@@ -447,9 +523,10 @@ class OffsetMixtureOfPrompts(nn.Module):
         Returns:
             L2-normalised sub-prompt features ``(num_classes, K, dim)`` or ``(n, K, dim)``.
         """
-        ids = _check_class_ids(class_ids, self.num_classes, self.offsets.device)
+        ids = _check_class_ids(class_ids, self.num_classes)
         if ids is None:
             return F.normalize(self.text_features + self.offsets, dim=-1)
+        ids = ids.to(self.offsets.device)
         return F.normalize(self.text_features[ids] + self.offsets[ids], dim=-1)
 
     def extra_repr(self) -> str:
