@@ -40,7 +40,7 @@ def reference(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 class LegacyTransformer(nn.Module):
-    """A transformer without ``batch_first`` that takes ``(L, N, D)``, as open_clip < 2.24."""
+    """A transformer without `batch_first` that takes `(L, N, D)`, as open_clip < 2.24."""
 
     def __init__(self, resblocks: nn.ModuleList) -> None:
         super().__init__()
@@ -54,7 +54,7 @@ class LegacyTransformer(nn.Module):
 
 
 def sequence_first(model: nn.Module) -> nn.Module:
-    """Swap in the same weights run as ``batch_first=False`` (open_clip transposes inside)."""
+    """Swap in the same weights run as `batch_first=False` (open_clip transposes inside)."""
     transformer = Transformer(width=64, layers=2, heads=2, batch_first=False)
     transformer.load_state_dict(model.transformer.state_dict())
     model.transformer = transformer.eval()
@@ -261,7 +261,7 @@ def test_default_plans_on_stanford_cars_x8(cars_lengths):
         return sum((stop - start) * length for start, stop, length in chunks)
 
     cpu, cpu_cost = plan("cpu", torch.float32)
-    assert work(cpu) < 1.02 * floor and len(cpu) >= 10
+    assert work(cpu) < 1.02 * floor and len(cpu) >= 8
     assert all((stop - start) * length <= cpu_cost.max_tokens for start, stop, length in cpu)
     gpu_half, _ = plan("cuda", torch.bfloat16)
     assert len(gpu_half) <= 2 and work(gpu_half) < 1.5 * floor

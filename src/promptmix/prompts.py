@@ -1,16 +1,16 @@
 """Learnable sub-prompts: K CoOp-style prompts per class through a frozen open_clip text tower.
 
-Two parameterisations with one contract, ``forward(class_ids=None) -> (num_classes, K, dim)``
+Two parameterisations with one contract, `forward(class_ids=None) -> (num_classes, K, dim)`
 L2-normalised sub-prompt features:
 
-- :class:`MixtureOfPrompts` learns context vectors per class and sub-prompt (CoOp) and runs the
-  text tower every step, cut to the tokens that can matter (see :mod:`promptmix.text_tower`).
-- :class:`OffsetMixtureOfPrompts` encodes each class once at construction and learns an offset in
+- `MixtureOfPrompts` learns context vectors per class and sub-prompt (CoOp) and runs the
+  text tower every step, cut to the tokens that can matter (see `promptmix.text_tower`).
+- `OffsetMixtureOfPrompts` encodes each class once at construction and learns an offset in
   feature space; the text tower never runs in the training step.
 
 Symmetry breaking: K sub-prompts that start equal stay equal, because identical sub-prompts are a
 stationary point of the diversity loss (its gradient is exactly zero). Both classes therefore start
-their sub-prompts apart, by ``init_noise_std`` and/or by one template per sub-prompt.
+their sub-prompts apart, by `init_noise_std` and/or by one template per sub-prompt.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _check_classnames(classnames: object) -> tuple[str, ...]:
 def _resolve_templates(
     templates: Sequence[str] | None, ctx_init: str | None, n_subprompts: int, default: str
 ) -> tuple[str, ...]:
-    """One template (text with a single ``{}`` for the class name) per sub-prompt."""
+    """One template (text with a single `{}` for the class name) per sub-prompt."""
     if templates is None:
         if ctx_init is not None and not isinstance(ctx_init, str):
             raise TypeError(f"ctx_init must be a str or None but is {type(ctx_init).__name__}.")
@@ -97,7 +97,7 @@ def _tokenize(tokenizer: Tokenizer, texts: list[str]) -> Tensor:
 def _tokenize_prompts(
     tokenizer: Tokenizer, classnames: tuple[str, ...], templates: tuple[str, ...]
 ) -> Tensor:
-    """Token ids ``(num_classes, K, context_length)`` of ``templates[k].format(classname)``."""
+    """Token ids `(num_classes, K, context_length)` of `templates[k].format(classname)`."""
     texts = [template.format(name) for name in classnames for template in templates]
     token_ids = _tokenize(tokenizer, texts)
     return rearrange(token_ids, "(c k) l -> c k l", k=len(templates))
@@ -138,51 +138,63 @@ def _check_class_ids(class_ids: object, num_classes: int) -> Tensor | None:
 
 
 class MixtureOfPrompts(nn.Module):
-    """K learnable CoOp prompts per class, encoded by a frozen open_clip text tower.
+    r"""K learnable CoOp prompts per class, encoded by a frozen open_clip text tower.
 
-    Sub-prompt ``k`` of class ``c`` is ``[SOS] ctx_1 .. ctx_n classname . [EOS]`` where the
-    ``n_ctx`` context vectors are learned, per class and sub-prompt (``class_specific=True``,
-    ``context`` of shape ``(num_classes, K, n_ctx, width)``) or shared by all classes
-    (``(K, n_ctx, width)``). With ``templates``, sub-prompt ``k`` is ``templates[k]`` with the
-    class name in its ``{}``: the words before ``{}`` (``n_ctx`` tokens) initialise its context,
+    Sub-prompt $k$ of class $c$ has the unit feature
+
+    $$
+    f_{ck} = \frac{g([\text{SOS}], v_{ck1}, \dots, v_{ckn}, \text{classname}_c, ., [\text{EOS}])}
+                  {\lVert g(\cdot) \rVert}
+    $$
+
+    where $g$ is the frozen text tower (`encode_text` from the token embeddings on) and the
+    $n$ = `n_ctx` context vectors $v$ are learned, per class and sub-prompt (`class_specific=True`,
+    `context` of shape `(num_classes, K, n_ctx, width)`) or shared by all classes
+    (`(K, n_ctx, width)`). With `templates`, sub-prompt `k` is `templates[k]` with the
+    class name in its `{}`: the words before `{}` (`n_ctx` tokens) initialise its context,
     the words after follow the class name.
 
-    The CLIP model is frozen (``requires_grad_(False)``, ``eval()``) and held by reference, not
-    as a submodule: ``state_dict()`` holds only ``context``, and ``.to()`` does not move the model.
+    The CLIP model is frozen (`requires_grad_(False)`, `eval()`) and held by reference, not
+    as a submodule: `state_dict()` holds only `context`, and `.to()` does not move the model.
     Token ids of the fixed words are non-persistent buffers; their embeddings are looked up in
     the frozen table each step (5 MB of ids instead of 1.3 GB of embeddings for 8,000 prompts).
 
-    Speed and memory, all exact (features equal the 77-token encoding to float rounding):
-    prompts are sorted by length and encoded ``chunk_size`` at a time, each chunk cut after its
-    longest end-of-text token; ``forward(class_ids)`` encodes only those classes; and
-    ``gradient_checkpointing=True`` keeps no activations for backward but re-encodes one chunk at
-    a time (about one extra forward pass), so peak memory is that of one chunk, not of all
-    ``num_classes * K`` prompts.
+    Speed and memory, all exact (features equal the 77-token encoding to float rounding): the
+    prompts are sorted by end-of-text position once, at construction, and encoded in chunks each
+    cut after its own longest end-of-text token. With `chunk_size="auto"` the chunks come from a
+    cost model of the device and dtype the tower runs in (`promptmix.text_tower.ChunkCost`): on
+    CPU, groups of equal end-of-text position (no padding); on CUDA, one or a few large batches
+    (fewer kernel launches). The plan is made on the host from the fixed token ids and cached, so
+    `forward()` never reads a value back from the device. `forward(class_ids)` encodes only those
+    classes, and `gradient_checkpointing=True` keeps no activations for backward but re-encodes
+    one chunk at a time (about one extra forward pass), with chunks capped at 1 GiB of
+    activations: peak memory is that of one chunk, not of all `num_classes * K` prompts.
 
     Args:
-        clip_model: open_clip ``CLIP`` or ``CustomTextCLIP`` with open_clip's own text tower.
-        tokenizer: The model's open_clip tokenizer (``list[str] -> (N, context_length)``).
+        clip_model: open_clip `CLIP` or `CustomTextCLIP` with open_clip's own text tower.
+        tokenizer: The model's open_clip tokenizer (`list[str] -> (N, context_length)`).
         classnames: One name per class, used as given.
         n_subprompts: K, the number of sub-prompts per class.
         n_ctx: Number of learned context vectors per prompt.
-        ctx_init: Phrase of ``n_ctx`` tokens that initialises every sub-prompt's context; ``None``
+        ctx_init: Phrase of `n_ctx` tokens that initialises every sub-prompt's context; `None`
             draws the context from a normal with the token-embedding table's RMS as std (CoOp's
-            random init). Ignored when ``templates`` is given.
-        class_specific: One context per class (``True``) or one shared by all classes.
-        templates: Optional K templates, e.g. ``["a photo of a {}.", "a photo of the {}.", ...]``,
-            each with ``n_ctx`` tokens before ``{}``.
+            random init). Ignored when `templates` is given.
+        class_specific: One context per class (`True`) or one shared by all classes.
+        templates: Optional K templates, e.g. `["a photo of a {}.", "a photo of the {}.", ...]`,
+            each with `n_ctx` tokens before `{}`.
         init_noise_std: Std of Gaussian noise added to the initial context, in units of the RMS
-            entry of the token-embedding table (``0.1`` moves each vector about 10% of a typical
-            token embedding). ``0`` with identical templates starts all sub-prompts equal.
-        chunk_size: Prompts encoded per chunk; ``None`` encodes all at once, cut after the
-            longest end-of-text token.
+            entry of the token-embedding table (`0.1` moves each vector about 10% of a typical
+            token embedding). `0` with identical templates starts all sub-prompts equal.
+        chunk_size: `"auto"` (chunks chosen per device and dtype), an int (that many sorted
+            prompts per chunk) or `None` (all prompts at once, cut after the longest end-of-text
+            token).
         gradient_checkpointing: Recompute each chunk during backward instead of storing it.
         generator: Random generator for the initial context.
 
     Raises:
         TypeError: On a tower that takes token ids only (Hugging Face) or wrongly typed arguments.
-        ValueError: On empty classnames, ``n_subprompts < 1``, or ``n_ctx`` that does not match
-            the token count of ``ctx_init`` / the templates.
+        ValueError: On empty classnames, `n_subprompts < 1`, or `n_ctx` that does not match
+            the token count of `ctx_init` / the templates.
 
     Examples:
         >>> import open_clip, torch
@@ -277,7 +289,7 @@ class MixtureOfPrompts(nn.Module):
     def _locate_prefixes(
         self, tokenizer: Tokenizer, prefixes: list[str], source: str
     ) -> tuple[int, Tensor]:
-        """Index of the first context token and the prefix token ids ``(K, n_ctx)``."""
+        """Index of the first context token and the prefix token ids `(K, n_ctx)`."""
         token_ids = _tokenize(tokenizer, [*prefixes, ""])
         positions = self._tower.pool_positions(token_ids)
         counts = (positions[:-1] - positions[-1]).tolist()
@@ -395,7 +407,7 @@ class MixtureOfPrompts(nn.Module):
 
 
 def _encode_frozen(clip_model: nn.Module, token_ids: Tensor, chunk_size: ChunkSize) -> Tensor:
-    """``clip_model.encode_text(token_ids)`` ``(N, dim)`` without a graph, cut where possible."""
+    """`clip_model.encode_text(token_ids)` `(N, dim)` without a graph, cut where possible."""
     try:
         tower: TextTower | None = TextTower(clip_model)
     except (TypeError, ValueError):  # e.g. a Hugging Face tower: encode_text on full token ids
@@ -421,29 +433,30 @@ def _encode_frozen(clip_model: nn.Module, token_ids: Tensor, chunk_size: ChunkSi
 
 
 class OffsetMixtureOfPrompts(nn.Module):
-    """K sub-prompts per class as learned offsets from the class's frozen text feature.
+    r"""K sub-prompts per class as learned offsets from the class's frozen text feature.
 
-    Sub-prompt ``k`` of class ``c`` is ``normalize(t_ck + offset_ck)`` where ``t_ck`` is the unit
-    text feature of ``templates[k].format(classname)`` (``f"{ctx_init} {classname}."`` when no
-    templates are given) and ``offset`` ``(num_classes, K, dim)`` is learned. The text tower runs
-    once, at construction (no graph, chunked, cut like :class:`MixtureOfPrompts`); a training
-    step is an add and a normalise. Any open_clip model with ``encode_text`` works, including
-    Hugging Face text towers, and the model is not kept.
+    Sub-prompt $k$ of class $c$ is $f_{ck} = (t_{ck} + o_{ck}) / \lVert t_{ck} + o_{ck} \rVert$
+    where $t_{ck}$ is the unit text feature of `templates[k].format(classname)`
+    (`f"{ctx_init} {classname}."` when no templates are given) and the offset $o$ = `offsets`
+    `(num_classes, K, dim)` is learned. The text tower runs once, at construction (no graph,
+    chunked, cut like `MixtureOfPrompts`); a training step is an add and a normalise. Any
+    open_clip model with `encode_text` works, including Hugging Face text towers, and the model
+    is not kept.
 
-    The frozen features are a non-persistent buffer: ``state_dict()`` holds only ``offsets``.
+    The frozen features are a non-persistent buffer: `state_dict()` holds only `offsets`.
 
     Args:
         clip_model: open_clip model; it is used in eval mode and left as it was.
         tokenizer: The model's open_clip tokenizer.
         classnames: One name per class, used as given.
         n_subprompts: K, the number of sub-prompts per class.
-        ctx_init: Phrase before the class name (``None``: the class name alone, then ``.``).
-            Ignored when ``templates`` is given.
-        templates: Optional K templates with one ``{}``, one per sub-prompt; distinct templates
+        ctx_init: Phrase before the class name (`None`: the class name alone, then `.`).
+            Ignored when `templates` is given.
+        templates: Optional K templates with one `{}`, one per sub-prompt; distinct templates
             start the sub-prompts apart even without noise.
         init_noise_std: Expected norm of each initial offset (normal, std
-            ``init_noise_std / sqrt(dim)`` per entry), relative to the unit text feature.
-        chunk_size: Prompts per chunk when encoding at construction (``None``: all at once).
+            `init_noise_std / sqrt(dim)` per entry), relative to the unit text feature.
+        chunk_size: Chunks when encoding at construction, as in `MixtureOfPrompts`.
         generator: Random generator for the initial offsets.
 
     Examples:
@@ -515,13 +528,13 @@ class OffsetMixtureOfPrompts(nn.Module):
         return int(self.text_features.shape[-1])
 
     def forward(self, class_ids: Tensor | Sequence[int] | None = None) -> Tensor:
-        """Sub-prompt features of all classes, or of ``class_ids`` only.
+        """Sub-prompt features of all classes, or of `class_ids` only.
 
         Args:
-            class_ids: ``None`` for all classes, or class indices ``(n,)``.
+            class_ids: `None` for all classes, or class indices `(n,)`.
 
         Returns:
-            L2-normalised sub-prompt features ``(num_classes, K, dim)`` or ``(n, K, dim)``.
+            L2-normalised sub-prompt features `(num_classes, K, dim)` or `(n, K, dim)`.
         """
         ids = _check_class_ids(class_ids, self.num_classes)
         if ids is None:

@@ -46,7 +46,9 @@ ChunkSize = int | Literal["auto"] | None
 # Cost model of one forward + backward, measured on the project's benchmark (docs/performance.md).
 # Time of a chunk = launch seconds + tokens * seconds per token, where seconds per token is
 # seconds per (token x weight) times the tower's matrix weights per layer (12 width^2) x layers.
-_LAUNCH_SECONDS = {"cpu": 0.02, "cuda": 0.01}
+# On CPU a chunk's fixed cost is mostly the threads' barriers of its ~1,000 operations: small on
+# quiet cores, up to seconds on oversubscribed ones; 0.1 s merges only the smallest groups.
+_LAUNCH_SECONDS = {"cpu": 0.1, "cuda": 0.01}
 _SECONDS_PER_TOKEN_WEIGHT = {
     ("cpu", "full"): 1.9e-11,  # ViT-B-32 on 2 threads: about 0.7 ms per token
     ("cpu", "half"): 1.9e-11,  # CPU autocast: priced as fp32 (the same chunks win)
@@ -98,7 +100,7 @@ class ChunkCost:
             >>> gpu = ChunkCost.default(tower, torch.device("cuda"), torch.bfloat16,
             ...                         checkpointing=False)
             >>> round(cpu.chunk_tokens), cpu.max_tokens, round(gpu.chunk_tokens)
-            (28, 4096, 9811)
+            (139, 4096, 9811)
         """
         kind = "cpu" if device.type == "cpu" else "cuda"
         precision = "half" if dtype in (torch.float16, torch.bfloat16) else "full"
@@ -163,7 +165,8 @@ def plan_chunks(
     bounds = [0] + [i for i in range(1, count) if lengths[i] != lengths[i - 1]] + [count]
 
     def pieces(start: int, stop: int) -> int:
-        return max(1, math.ceil((stop - start) * lengths[stop - 1] / cost.max_tokens))
+        """Chunks a group needs so that none exceeds `max_tokens` (one row at the least)."""
+        return math.ceil((stop - start) / max(1, cost.max_tokens // lengths[stop - 1]))
 
     best = [0.0] + [math.inf] * (len(bounds) - 1)
     previous = [0] * len(bounds)
