@@ -114,7 +114,12 @@ def full_length_step(
         x = torch.cat([embeddings[:, :start], context[rows], embeddings[:, end:]], dim=1)
         x = tower.transformer(x + tower.positional_embedding, attn_mask=tower.attn_mask)
         x = tower.ln_final(x)[torch.arange(len(rows), device=x.device), tower.pool_positions(ids)]
-        x = F.normalize(x @ tower.text_projection, dim=-1)
+        projection = tower.text_projection
+        if isinstance(projection, torch.nn.Linear):
+            x = projection(x)
+        elif projection is not None:
+            x = x @ projection
+        x = F.normalize(x, dim=-1)
         (x * weights[rows]).sum().backward()
         features.append(x.detach())
     return rearrange(torch.cat(features), "(c k) d -> c k d", k=prompts.n_subprompts)
