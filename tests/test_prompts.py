@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import open_clip
 import pytest
 import torch
@@ -9,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptmix.prompts import MixtureOfPrompts, OffsetMixtureOfPrompts
+from promptmix.text_tower import ChunkCost, TextTower, plan_chunks
 
 NAMES = [
     "cat",
@@ -163,7 +167,8 @@ def test_state_dict_holds_only_the_context_and_round_trips(model, tokenizer):
     prompts = MixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2)
     state = prompts.state_dict()
     assert list(state) == ["context"]
-    assert {name for name, _ in prompts.named_buffers()} == {"token_ids", "pool_positions"}
+    buffers = {name for name, _ in prompts.named_buffers()}
+    assert buffers == {"token_ids", "pool_positions", "order", "inverse"}
     restored = MixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2)
     assert not torch.equal(restored.context, prompts.context)
     restored.load_state_dict(state)
@@ -259,3 +264,103 @@ def test_offset_prompts_never_run_the_text_tower_and_break_symmetry(model, token
     assert grad.abs().max() > 1e-6
     norms = prompts.offsets.detach().norm(dim=-1)
     assert 0.05 < norms.mean() < 0.2  # init_noise_std=0.1 is the expected offset norm
+
+
+class HostSync(RuntimeError):
+    """Raised by `no_host_reads` where a step would wait for the device on a GPU."""
+
+
+@contextlib.contextmanager
+def no_host_reads() -> Iterator[None]:
+    """Make every tensor-to-host read (a device synchronisation on a GPU) raise `HostSync`."""
+
+    def forbid(name: str) -> Callable[..., None]:
+        def raise_sync(*args: object, **kwargs: object) -> None:
+            raise HostSync(f"{name} reads a tensor on the host")
+
+        return raise_sync
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("item", "tolist", "numpy", "__int__", "__bool__", "__float__", "__index__"):
+            patch.setattr(torch.Tensor, name, forbid(f"Tensor.{name}"))
+        for name in ("unique", "nonzero", "masked_select", "unique_consecutive"):
+            patch.setattr(torch.Tensor, name, forbid(f"Tensor.{name}"))
+            patch.setattr(torch, name, forbid(f"torch.{name}"))
+        yield
+
+
+def test_no_host_reads_catches_a_read():
+    with no_host_reads(), pytest.raises(HostSync, match="__int__"):
+        int(torch.ones((), dtype=torch.long))
+    assert int(torch.ones((), dtype=torch.long)) == 1  # restored after
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+@pytest.mark.parametrize("class_specific", [True, False])
+def test_training_step_of_the_learner_reads_nothing_back_from_the_device(
+    model, tokenizer, gradient_checkpointing, class_specific
+):
+    prompts = MixtureOfPrompts(
+        model,
+        tokenizer,
+        NAMES,
+        n_subprompts=2,
+        class_specific=class_specific,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    weights = torch.randn(len(NAMES), 2, 32)
+    optimizer = torch.optim.SGD(prompts.parameters(), lr=0.1)
+    before = prompts.context.detach().clone()
+    with no_host_reads():
+        for _ in range(2):
+            optimizer.zero_grad()
+            (prompts() * weights).sum().backward()
+            optimizer.step()
+    assert not torch.equal(prompts.context, before)
+
+
+@pytest.mark.parametrize("chunk_size", ["auto", None, 2])
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_default_chunking_equals_full_77_tokens_with_gradients_in_float64(
+    tokenizer, chunk_size, gradient_checkpointing
+):
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=1, head_width=32),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+    ).double()
+    prompts = MixtureOfPrompts(
+        model,
+        tokenizer,
+        NAMES,
+        n_subprompts=3,
+        ctx_init=None,
+        chunk_size=chunk_size,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    texts = [f"X X X X {name}." for name in NAMES for _ in range(3)]
+    expected = full_length_coop(model, tokenizer, prompts, texts).view(len(NAMES), 3, -1)
+    weights = torch.randn_like(expected)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), prompts.context)
+    features = prompts()
+    (grad,) = torch.autograd.grad((features * weights).sum(), prompts.context)
+    torch.testing.assert_close(features, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=1e-10)
+
+
+def test_the_plan_is_made_once_per_device_and_dtype(model, tokenizer):
+    prompts = MixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2)
+    plans = dict(prompts._plans)
+    assert len(plans) == 1
+    (chunks,) = plans.values()
+    lengths = (prompts.pool_positions.flatten()[prompts.order] + 1).tolist()
+    assert lengths == sorted(lengths)
+    tower, cpu = TextTower(model), torch.device("cpu")
+    cost = ChunkCost.default(tower, cpu, torch.float32, checkpointing=False)
+    assert chunks == plan_chunks(lengths, cost=cost)
+    prompts()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        prompts()
+    assert set(prompts._plans) == {*plans, ("cpu", torch.bfloat16, False)}
+    assert prompts._plans[next(iter(plans))] is chunks

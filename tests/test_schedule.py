@@ -112,6 +112,34 @@ class TestTemperatureSchedule:
         assert "step_count" in dict(schedule.named_buffers())
         assert schedule.step_count.dtype == torch.long
 
+    def test_tau_and_step_read_nothing_back_from_the_step_counter(self) -> None:
+        schedule = TemperatureSchedule(1.0, 0.3, total_steps=4)
+
+        def forbid(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("a tensor was read on the host")
+
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("item", "tolist", "__int__", "__index__", "__float__", "__bool__"):
+                patch.setattr(torch.Tensor, name, forbid)
+            with pytest.raises(RuntimeError, match="read on the host"):
+                int(schedule.step_count)  # the guard works
+            taus = run(schedule, 3)
+        assert taus == pytest.approx([1.0, 0.825, 0.65])
+        assert schedule.step_count.item() == 3  # the buffer keeps counting for state_dict
+
+    def test_a_parent_module_restores_the_step(self) -> None:
+        parent = torch.nn.Module()
+        parent.schedule = TemperatureSchedule(1.0, 0.3, total_steps=4)
+        run(parent.schedule, 2)
+        state = {k: v.clone() for k, v in parent.state_dict().items()}
+        assert list(state) == ["schedule.step_count"]
+        resumed = torch.nn.Module()
+        resumed.schedule = TemperatureSchedule(1.0, 0.3, total_steps=4)
+        resumed.load_state_dict(state)
+        assert resumed.schedule() == pytest.approx(0.65) and "step=2" in repr(resumed)
+        resumed.load_state_dict({"schedule.step_count": torch.tensor(4)})
+        assert resumed.schedule() == pytest.approx(0.3)
+
     @pytest.mark.parametrize("kind", KINDS)
     def test_module_equals_functional(self, kind) -> None:
         schedule = TemperatureSchedule(0.9, 0.2, total_steps=7, kind=kind, warmup_steps=2)

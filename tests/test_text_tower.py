@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import open_clip
@@ -14,7 +15,7 @@ from open_clip.transformer import Transformer
 from torch import nn
 
 from promptmix.prompts import MixtureOfPrompts, OffsetMixtureOfPrompts
-from promptmix.text_tower import TextTower, encode_by_length
+from promptmix.text_tower import ChunkCost, TextTower, encode_in_chunks, plan_chunks
 
 CLASSNAMES_FILE = Path(__file__).resolve().parents[1] / "benchmarks/stanford_cars_classnames.txt"
 NAMES = ["cat", "red panda", "AM General Hummer SUV 2000", "Rolls-Royce Phantom Drophead Coupe"]
@@ -39,7 +40,7 @@ def reference(model: nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 class LegacyTransformer(nn.Module):
-    """A transformer without ``batch_first`` that takes ``(L, N, D)``, as open_clip < 2.24."""
+    """A transformer without `batch_first` that takes `(L, N, D)`, as open_clip < 2.24."""
 
     def __init__(self, resblocks: nn.ModuleList) -> None:
         super().__init__()
@@ -53,7 +54,7 @@ class LegacyTransformer(nn.Module):
 
 
 def sequence_first(model: nn.Module) -> nn.Module:
-    """Swap in the same weights run as ``batch_first=False`` (open_clip transposes inside)."""
+    """Swap in the same weights run as `batch_first=False` (open_clip transposes inside)."""
     transformer = Transformer(width=64, layers=2, heads=2, batch_first=False)
     transformer.load_state_dict(model.transformer.state_dict())
     model.transformer = transformer.eval()
@@ -72,7 +73,7 @@ def sequence_first(model: nn.Module) -> nn.Module:
         pytest.param(lambda: sequence_first(tiny()), id="not-batch-first"),
     ],
 )
-@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("chunk_size", ["auto", None, 3])
 def test_encode_token_ids_equals_encode_text(build, chunk_size, tokenizer):
     model = build()
     texts = [f"a photo of a {name}." for name in NAMES]
@@ -158,41 +159,134 @@ def test_not_a_model_is_rejected():
         TextTower(nn.Linear(2, 2))
 
 
-def record_lengths(calls: list[tuple[int, int]]):
-    def encode(rows: torch.Tensor, length: int) -> torch.Tensor:
-        calls.append((len(rows), length))
-        return torch.stack([rows.double(), torch.full_like(rows, length).double()], dim=1)
+def test_eos_pooling_uses_the_end_of_text_token_not_the_largest_id(tokenizer):
+    """A tokenizer whose end-of-text id (0) is smaller than every id around it (padding 49407)."""
 
-    return encode
+    def swapped(texts: list[str]) -> torch.Tensor:
+        ids = tokenizer(texts)
+        return torch.where(ids == 49407, 0, torch.where(ids == 0, 49407, ids))
+
+    model = tiny("custom", pool_type="eos", eos_id=0)
+    texts = [f"a photo of a {name}." for name in NAMES[:2]]
+    token_ids = swapped(texts)
+    tower = TextTower(model)
+    positions = tower.pool_positions(token_ids)
+    assert (positions < token_ids.argmax(dim=-1)).all()  # the two rules differ on these prompts
+    assert (token_ids.gather(1, positions[:, None]) == 0).all()
+    expected = reference(model, swapped, texts)
+    with torch.no_grad():
+        torch.testing.assert_close(tower.encode_token_ids(token_ids), expected, atol=1e-5, rtol=0)
+        prompts = MixtureOfPrompts(model, swapped, NAMES[:2], n_subprompts=1, init_noise_std=0)
+        features = prompts()[:, 0]
+    assert prompts.token_ids.shape[-1] == int(positions.max()) + 1
+    torch.testing.assert_close(features, F.normalize(expected, dim=-1), atol=1e-5, rtol=0)
+
+
+def cost_of(chunks, chunk_tokens: float) -> float:
+    return sum(chunk_tokens + (stop - start) * length for start, stop, length in chunks)
+
+
+sorted_lengths = st.lists(st.integers(1, 77), min_size=0, max_size=40).map(sorted)
 
 
 @given(
-    positions=st.lists(st.integers(1, 76), min_size=1, max_size=60),
-    chunk_size=st.one_of(st.none(), st.integers(1, 70)),
+    lengths=sorted_lengths,
+    chunk_size=st.one_of(st.none(), st.just("auto"), st.integers(1, 50)),
+    chunk_tokens=st.floats(0, 2000),
+    max_tokens=st.integers(77, 3000),
 )
-def test_encode_by_length_restores_order_and_cuts_each_chunk(positions, chunk_size):
-    pool_positions = torch.tensor(positions)
-    calls: list[tuple[int, int]] = []
-    features = encode_by_length(record_lengths(calls), pool_positions, chunk_size=chunk_size)
-    assert torch.equal(features[:, 0].long(), torch.arange(len(positions)))
-    assert (features[:, 1].long() > pool_positions).all()  # every end-of-text token is kept
-    assert sum(rows for rows, _ in calls) == len(positions)
-    if chunk_size is None:
-        assert calls == [(len(positions), max(positions) + 1)]
-    else:  # sorted chunks: each cut at its own longest position, lengths non-decreasing
-        lengths = [length for _, length in calls]
-        assert lengths == sorted(lengths)
+def test_plan_chunks_covers_every_prompt_in_order_and_keeps_every_end_of_text(
+    lengths, chunk_size, chunk_tokens, max_tokens
+):
+    cost = ChunkCost(chunk_tokens=chunk_tokens, max_tokens=max_tokens)
+    chunks = plan_chunks(lengths, chunk_size=chunk_size, cost=cost)
+    edges = [0] + [stop for _, stop, _ in chunks]
+    assert [start for start, _, _ in chunks] == edges[:-1] and edges[-1] == len(lengths)
+    for start, stop, length in chunks:
+        assert stop > start and length == max(lengths[start:stop])
+        if chunk_size == "auto":
+            assert (stop - start) * length <= max_tokens or stop - start == 1
+        elif chunk_size is not None:
+            assert stop - start <= chunk_size
+    if chunk_size is None and lengths:
+        assert chunks == ((0, len(lengths), lengths[-1]),)
 
 
-def test_sorted_chunks_do_a_fifth_of_the_token_work_on_stanford_cars(tokenizer):
+def partitions(count: int):
+    """Every way to cut range(count) into contiguous non-empty groups, as boundary lists."""
+    for mask in range(1 << max(count - 1, 0)):
+        yield [0] + [i + 1 for i in range(count - 1) if mask >> i & 1] + [count]
+
+
+@given(
+    lengths=st.lists(st.integers(1, 77), min_size=1, max_size=9).map(sorted),
+    chunk_tokens=st.floats(0, 500),
+)
+def test_plan_chunks_is_the_cheapest_split_when_no_chunk_is_too_long(lengths, chunk_tokens):
+    cost = ChunkCost(chunk_tokens=chunk_tokens, max_tokens=10**6)
+    planned = cost_of(plan_chunks(lengths, cost=cost), chunk_tokens)
+    brute_force = min(
+        cost_of([(a, b, lengths[b - 1]) for a, b in itertools.pairwise(bounds)], chunk_tokens)
+        for bounds in partitions(len(lengths))
+    )
+    assert planned == pytest.approx(brute_force)
+
+
+def test_plan_chunks_rejects_unsorted_lengths_and_auto_without_cost():
+    with pytest.raises(ValueError, match="sorted"):
+        plan_chunks([3, 2], chunk_size=None)
+    with pytest.raises(ValueError, match="cost"):
+        plan_chunks([2, 3])
+
+
+@pytest.fixture(scope="module")
+def cars_lengths(tokenizer) -> list[int]:
     classnames = CLASSNAMES_FILE.read_text().splitlines()
-    token_ids = tokenizer([f"a photo of a {name}." for name in classnames])
-    positions = token_ids.argmax(dim=-1)
+    token_ids = tokenizer([f"a photo of a {name}." for name in classnames for _ in range(8)])
+    return sorted((token_ids.argmax(dim=-1) + 1).tolist())
 
-    def work(chunk_size: int | None) -> int:
-        calls: list[tuple[int, int]] = []
-        encode_by_length(record_lengths(calls), positions, chunk_size=chunk_size)
-        return sum(rows * length for rows, length in calls)
 
-    assert work(None) == 4508 and work(32) == 3164  # against 15,092 at 77 tokens
-    assert 77 * len(classnames) / work(32) > 4.7
+def test_default_plans_on_stanford_cars_x8(cars_lengths):
+    """CPU: groups by end-of-text position, nearly no padding. CUDA bf16: one or two batches."""
+    model = open_clip.create_model("ViT-B-32", pretrained=None)  # width 512, 12 layers
+    tower = TextTower(model)
+    floor = sum(cars_lengths)  # every prompt cut at its own end-of-text token
+    assert 77 * len(cars_lengths) / floor > 4.9
+
+    def plan(device: str, dtype: torch.dtype, checkpointing: bool = False):
+        cost = ChunkCost.default(tower, torch.device(device), dtype, checkpointing=checkpointing)
+        return plan_chunks(cars_lengths, cost=cost), cost
+
+    def work(chunks) -> int:
+        return sum((stop - start) * length for start, stop, length in chunks)
+
+    cpu, cpu_cost = plan("cpu", torch.float32)
+    assert work(cpu) < 1.02 * floor and len(cpu) >= 8
+    assert all((stop - start) * length <= cpu_cost.max_tokens for start, stop, length in cpu)
+    gpu_half, _ = plan("cuda", torch.bfloat16)
+    assert len(gpu_half) <= 2 and work(gpu_half) < 1.5 * floor
+    gpu_full, _ = plan("cuda", torch.float32)
+    assert len(gpu_half) <= len(gpu_full) <= 6 and work(gpu_full) <= work(gpu_half)
+    # Checkpointing bounds each chunk's activations, hence its tokens.
+    checkpointed, checkpoint_cost = plan("cuda", torch.bfloat16, checkpointing=True)
+    assert checkpoint_cost.max_tokens < 1 << 17
+    assert max((stop - start) * length for start, stop, length in checkpointed) <= (
+        checkpoint_cost.max_tokens
+    )
+
+
+def test_encode_in_chunks_checkpointed_equals_plain_with_gradients():
+    weight = torch.randn(6, 3, requires_grad=True)
+    chunks = plan_chunks([1, 2, 2, 3, 3, 3], chunk_size=2)
+
+    def encode(start: int, stop: int, length: int) -> torch.Tensor:
+        return (weight[start:stop] * length).tanh()
+
+    outputs = []
+    for checkpointing in (False, True):
+        features = encode_in_chunks(encode, chunks, gradient_checkpointing=checkpointing)
+        (grad,) = torch.autograd.grad(features.pow(2).sum(), weight)
+        outputs.append((features.detach(), grad))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
+    expected = torch.cat([(weight[a:b] * n).tanh() for a, b, n in chunks]).detach()
+    torch.testing.assert_close(outputs[0][0], expected, atol=0, rtol=0)

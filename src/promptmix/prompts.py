@@ -1,30 +1,39 @@
 """Learnable sub-prompts: K CoOp-style prompts per class through a frozen open_clip text tower.
 
-Two parameterisations with one contract, ``forward(class_ids=None) -> (num_classes, K, dim)``
+Two parameterisations with one contract, `forward(class_ids=None) -> (num_classes, K, dim)`
 L2-normalised sub-prompt features:
 
-- :class:`MixtureOfPrompts` learns context vectors per class and sub-prompt (CoOp) and runs the
-  text tower every step, cut to the tokens that can matter (see :mod:`promptmix.text_tower`).
-- :class:`OffsetMixtureOfPrompts` encodes each class once at construction and learns an offset in
+- `MixtureOfPrompts` learns context vectors per class and sub-prompt (CoOp) and runs the
+  text tower every step, cut to the tokens that can matter (see `promptmix.text_tower`).
+- `OffsetMixtureOfPrompts` encodes each class once at construction and learns an offset in
   feature space; the text tower never runs in the training step.
 
 Symmetry breaking: K sub-prompts that start equal stay equal, because identical sub-prompts are a
 stationary point of the diversity loss (its gradient is exactly zero). Both classes therefore start
-their sub-prompts apart, by ``init_noise_std`` and/or by one template per sub-prompt.
+their sub-prompts apart, by `init_noise_std` and/or by one template per sub-prompt.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import Tensor, nn
 
 from promptmix._validation import check_int, check_positive
-from promptmix.text_tower import TextTower, encode_by_length
+from promptmix.text_tower import (
+    Chunk,
+    ChunkCost,
+    ChunkSize,
+    TextTower,
+    compute_dtype,
+    encode_in_chunks,
+    plan_chunks,
+)
 
 __all__ = ["MixtureOfPrompts", "OffsetMixtureOfPrompts"]
 
@@ -45,7 +54,7 @@ def _check_classnames(classnames: object) -> tuple[str, ...]:
 def _resolve_templates(
     templates: Sequence[str] | None, ctx_init: str | None, n_subprompts: int, default: str
 ) -> tuple[str, ...]:
-    """One template (text with a single ``{}`` for the class name) per sub-prompt."""
+    """One template (text with a single `{}` for the class name) per sub-prompt."""
     if templates is None:
         if ctx_init is not None and not isinstance(ctx_init, str):
             raise TypeError(f"ctx_init must be a str or None but is {type(ctx_init).__name__}.")
@@ -66,6 +75,15 @@ def _resolve_templates(
     return tuple(templates)
 
 
+def _check_chunk_size(chunk_size: object) -> ChunkSize:
+    """`"auto"`, `None` or an int `>= 1`."""
+    if chunk_size is None or chunk_size == "auto":
+        return cast(ChunkSize, chunk_size)
+    if isinstance(chunk_size, str):
+        raise ValueError(f"chunk_size must be 'auto', None or an int >= 1 but is {chunk_size!r}.")
+    return check_int("chunk_size", chunk_size, minimum=1)
+
+
 def _tokenize(tokenizer: Tokenizer, texts: list[str]) -> Tensor:
     token_ids = tokenizer(texts)
     if not isinstance(token_ids, Tensor) or token_ids.dim() != 2 or token_ids.is_floating_point():
@@ -79,14 +97,19 @@ def _tokenize(tokenizer: Tokenizer, texts: list[str]) -> Tensor:
 def _tokenize_prompts(
     tokenizer: Tokenizer, classnames: tuple[str, ...], templates: tuple[str, ...]
 ) -> Tensor:
-    """Token ids ``(num_classes, K, context_length)`` of ``templates[k].format(classname)``."""
+    """Token ids `(num_classes, K, context_length)` of `templates[k].format(classname)`."""
     texts = [template.format(name) for name in classnames for template in templates]
     token_ids = _tokenize(tokenizer, texts)
     return rearrange(token_ids, "(c k) l -> c k l", k=len(templates))
 
 
-def _check_class_ids(class_ids: object, num_classes: int, device: torch.device) -> Tensor | None:
-    """``None`` or a non-empty 1-D int64 tensor of class ids in ``[0, num_classes)``."""
+def _check_class_ids(class_ids: object, num_classes: int) -> Tensor | None:
+    """`None` or a non-empty 1-D int64 tensor of class ids in `[0, num_classes)`, where it was.
+
+    Ids on the CPU (or given as a sequence) are checked on the host, with a message naming the
+    range that came; ids already on an accelerator are checked there by an asynchronous assertion,
+    so the check never waits for the device.
+    """
     if class_ids is None:
         return None
     if not isinstance(class_ids, Tensor):
@@ -102,60 +125,76 @@ def _check_class_ids(class_ids: object, num_classes: int, device: torch.device) 
         raise ValueError(
             f"class_ids must have shape (n,) with n >= 1 but has shape {tuple(class_ids.shape)}."
         )
-    low, high = int(class_ids.min()), int(class_ids.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"class_ids must lie in [0, {num_classes - 1}] but ranges over [{low}, {high}]."
-        )
-    return class_ids.to(device=device, dtype=torch.long)
+    if class_ids.device.type == "cpu":
+        low, high = int(class_ids.min()), int(class_ids.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"class_ids must lie in [0, {num_classes - 1}] but ranges over [{low}, {high}]."
+            )
+    else:
+        in_range = ((class_ids >= 0) & (class_ids < num_classes)).all()
+        torch._assert_async(in_range, f"class_ids must lie in [0, {num_classes - 1}].")
+    return class_ids.long()
 
 
 class MixtureOfPrompts(nn.Module):
-    """K learnable CoOp prompts per class, encoded by a frozen open_clip text tower.
+    r"""K learnable CoOp prompts per class, encoded by a frozen open_clip text tower.
 
-    Sub-prompt ``k`` of class ``c`` is ``[SOS] ctx_1 .. ctx_n classname . [EOS]`` where the
-    ``n_ctx`` context vectors are learned, per class and sub-prompt (``class_specific=True``,
-    ``context`` of shape ``(num_classes, K, n_ctx, width)``) or shared by all classes
-    (``(K, n_ctx, width)``). With ``templates``, sub-prompt ``k`` is ``templates[k]`` with the
-    class name in its ``{}``: the words before ``{}`` (``n_ctx`` tokens) initialise its context,
+    Sub-prompt $k$ of class $c$ has the unit feature
+
+    $$
+    f_{ck} = \frac{g([\text{SOS}], v_{ck1}, \dots, v_{ckn}, \text{classname}_c, ., [\text{EOS}])}
+                  {\lVert g(\cdot) \rVert}
+    $$
+
+    where $g$ is the frozen text tower (`encode_text` from the token embeddings on) and the
+    $n$ = `n_ctx` context vectors $v$ are learned, per class and sub-prompt (`class_specific=True`,
+    `context` of shape `(num_classes, K, n_ctx, width)`) or shared by all classes
+    (`(K, n_ctx, width)`). With `templates`, sub-prompt `k` is `templates[k]` with the
+    class name in its `{}`: the words before `{}` (`n_ctx` tokens) initialise its context,
     the words after follow the class name.
 
-    The CLIP model is frozen (``requires_grad_(False)``, ``eval()``) and held by reference, not
-    as a submodule: ``state_dict()`` holds only ``context``, and ``.to()`` does not move the model.
+    The CLIP model is frozen (`requires_grad_(False)`, `eval()`) and held by reference, not
+    as a submodule: `state_dict()` holds only `context`, and `.to()` does not move the model.
     Token ids of the fixed words are non-persistent buffers; their embeddings are looked up in
     the frozen table each step (5 MB of ids instead of 1.3 GB of embeddings for 8,000 prompts).
 
-    Speed and memory, all exact (features equal the 77-token encoding to float rounding):
-    prompts are sorted by length and encoded ``chunk_size`` at a time, each chunk cut after its
-    longest end-of-text token; ``forward(class_ids)`` encodes only those classes; and
-    ``gradient_checkpointing=True`` keeps no activations for backward but re-encodes one chunk at
-    a time (about one extra forward pass), so peak memory is that of one chunk, not of all
-    ``num_classes * K`` prompts.
+    Speed and memory, all exact (features equal the 77-token encoding to float rounding): the
+    prompts are sorted by end-of-text position once, at construction, and encoded in chunks each
+    cut after its own longest end-of-text token. With `chunk_size="auto"` the chunks come from a
+    cost model of the device and dtype the tower runs in (`promptmix.text_tower.ChunkCost`): on
+    CPU, groups of equal end-of-text position (no padding); on CUDA, one or a few large batches
+    (fewer kernel launches). The plan is made on the host from the fixed token ids and cached, so
+    `forward()` never reads a value back from the device. `forward(class_ids)` encodes only those
+    classes, and `gradient_checkpointing=True` keeps no activations for backward but re-encodes
+    one chunk at a time (about one extra forward pass), with chunks capped at 1 GiB of
+    activations: peak memory is that of one chunk, not of all `num_classes * K` prompts.
 
     Args:
-        clip_model: open_clip ``CLIP`` or ``CustomTextCLIP`` with open_clip's own text tower.
-        tokenizer: The model's open_clip tokenizer (``list[str] -> (N, context_length)``).
+        clip_model: open_clip `CLIP` or `CustomTextCLIP` with open_clip's own text tower.
+        tokenizer: The model's open_clip tokenizer (`list[str] -> (N, context_length)`).
         classnames: One name per class, used as given.
         n_subprompts: K, the number of sub-prompts per class.
         n_ctx: Number of learned context vectors per prompt.
-        ctx_init: Phrase of ``n_ctx`` tokens that initialises every sub-prompt's context; ``None``
+        ctx_init: Phrase of `n_ctx` tokens that initialises every sub-prompt's context; `None`
             draws the context from a normal with the token-embedding table's RMS as std (CoOp's
-            random init). Ignored when ``templates`` is given.
-        class_specific: One context per class (``True``) or one shared by all classes.
-        templates: Optional K templates, e.g. ``["a photo of a {}.", "a photo of the {}.", ...]``,
-            each with ``n_ctx`` tokens before ``{}``.
+            random init). Ignored when `templates` is given.
+        class_specific: One context per class (`True`) or one shared by all classes.
+        templates: Optional K templates, e.g. `["a photo of a {}.", "a photo of the {}.", ...]`,
+            each with `n_ctx` tokens before `{}`.
         init_noise_std: Std of Gaussian noise added to the initial context, in units of the RMS
-            entry of the token-embedding table (``0.1`` moves each vector about 10% of a typical
-            token embedding). ``0`` with identical templates starts all sub-prompts equal.
-        chunk_size: Prompts encoded per chunk; ``None`` encodes all at once, cut after the
-            longest end-of-text token.
+            entry of the token-embedding table (`0.1` moves each vector about 10% of a typical
+            token embedding). `0` with identical templates starts all sub-prompts equal.
+        chunk_size: `"auto"` (chunks chosen per device and dtype), an int (that many sorted
+            prompts per chunk) or `None` (all prompts at once, cut after the longest end-of-text
+            token).
         gradient_checkpointing: Recompute each chunk during backward instead of storing it.
         generator: Random generator for the initial context.
 
     Raises:
         TypeError: On a tower that takes token ids only (Hugging Face) or wrongly typed arguments.
-        ValueError: On empty classnames, ``n_subprompts < 1``, or ``n_ctx`` that does not match
-            the token count of ``ctx_init`` / the templates.
+        ValueError: On empty classnames, `n_subprompts < 1`, or `n_ctx` that does not match
+            the token count of `ctx_init` / the templates.
 
     Examples:
         >>> import open_clip, torch
@@ -191,7 +230,7 @@ class MixtureOfPrompts(nn.Module):
         class_specific: bool = True,
         templates: Sequence[str] | None = None,
         init_noise_std: float = 0.1,
-        chunk_size: int | None = 64,
+        chunk_size: ChunkSize = "auto",
         gradient_checkpointing: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -201,9 +240,7 @@ class MixtureOfPrompts(nn.Module):
         self.n_ctx = check_int("n_ctx", n_ctx, minimum=1)
         self.class_specific = bool(class_specific)
         self.init_noise_std = check_positive("init_noise_std", init_noise_std, allow_zero=True)
-        self.chunk_size = (
-            None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
-        )
+        self.chunk_size = _check_chunk_size(chunk_size)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self._tower = TextTower(clip_model)
 
@@ -225,6 +262,15 @@ class MixtureOfPrompts(nn.Module):
         device = self._tower.device
         self.register_buffer("token_ids", token_ids[..., :length].to(device), persistent=False)
         self.register_buffer("pool_positions", pool_positions.to(device), persistent=False)
+        # The encoding order (prompts sorted by end-of-text position) and the chunk plans depend
+        # only on these fixed ids: computed here on the host, never in a training step.
+        self._host_positions = pool_positions.flatten().cpu()
+        order = torch.argsort(self._host_positions, stable=True)
+        self._sorted_lengths: list[int] = (self._host_positions[order] + 1).tolist()
+        self.register_buffer("order", order.to(device), persistent=False)
+        self.register_buffer("inverse", torch.argsort(order).to(device), persistent=False)
+        self._plans: dict[tuple[str, torch.dtype, bool], tuple[Chunk, ...]] = {}
+        self._plan(device, self._tower.dtype)
 
         table = self._tower.embedding_table.detach()
         scale = table.float().pow(2).mean().sqrt().item()
@@ -243,7 +289,7 @@ class MixtureOfPrompts(nn.Module):
     def _locate_prefixes(
         self, tokenizer: Tokenizer, prefixes: list[str], source: str
     ) -> tuple[int, Tensor]:
-        """Index of the first context token and the prefix token ids ``(K, n_ctx)``."""
+        """Index of the first context token and the prefix token ids `(K, n_ctx)`."""
         token_ids = _tokenize(tokenizer, [*prefixes, ""])
         positions = self._tower.pool_positions(token_ids)
         counts = (positions[:-1] - positions[-1]).tolist()
@@ -270,46 +316,87 @@ class MixtureOfPrompts(nn.Module):
         """Dimension of the sub-prompt features."""
         return self._tower.output_dim
 
+    def _checkpointing(self) -> bool:
+        return self.gradient_checkpointing and torch.is_grad_enabled()
+
+    def _cost(self, device: torch.device, dtype: torch.dtype) -> ChunkCost:
+        return ChunkCost.default(self._tower, device, dtype, checkpointing=self._checkpointing())
+
+    def _plan(self, device: torch.device, dtype: torch.dtype) -> tuple[Chunk, ...]:
+        """The chunks of all prompts in sorted order for `device` and `dtype` (cached)."""
+        key = (device.type, dtype, self._checkpointing())
+        if key not in self._plans:
+            cost = self._cost(device, dtype)
+            lengths, chunk_size = self._sorted_lengths, self.chunk_size
+            self._plans[key] = plan_chunks(lengths, chunk_size=chunk_size, cost=cost)
+        return self._plans[key]
+
+    def _subset_plan(
+        self, ids: Tensor, device: torch.device, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor | None, tuple[Chunk, ...]]:
+        """Encoding order, inverse order and chunks of the prompts of classes `ids`.
+
+        Ids the host can read without waiting for a device (CPU tensors) are sorted and planned
+        like the full set; ids on an accelerator are encoded in their given order, cut at the
+        longest end-of-text position of all classes, so that nothing is read back from the device.
+        """
+        k = self.n_subprompts
+        rows = (ids[:, None] * k + torch.arange(k, device=ids.device)).flatten()
+        if ids.device.type != "cpu":
+            lengths = [int(self.token_ids.shape[-1])] * int(rows.shape[0])
+            plan = plan_chunks(lengths, chunk_size=self.chunk_size, cost=self._cost(device, dtype))
+            return rows.to(device), None, plan
+        permutation = torch.argsort(self._host_positions[rows], stable=True)
+        order = rows[permutation]
+        lengths = (self._host_positions[order] + 1).tolist()
+        plan = plan_chunks(lengths, chunk_size=self.chunk_size, cost=self._cost(device, dtype))
+        return order.to(device), torch.argsort(permutation).to(device), plan
+
     def forward(self, class_ids: Tensor | Sequence[int] | None = None) -> Tensor:
-        """Encode the sub-prompts of all classes, or of ``class_ids`` only.
+        """Encode the sub-prompts of all classes, or of `class_ids` only.
+
+        With `class_ids=None` nothing is read back from the device (no host synchronisation), so
+        a training step can run ahead of the GPU.
 
         Args:
-            class_ids: ``None`` for all classes, or class indices ``(n,)``.
+            class_ids: `None` for all classes, or class indices `(n,)`.
 
         Returns:
-            L2-normalised sub-prompt features ``(num_classes, K, dim)`` or ``(n, K, dim)``.
+            L2-normalised sub-prompt features `(num_classes, K, dim)` or `(n, K, dim)`.
         """
-        if self.context.device != self._tower.device:
+        device = self._tower.device
+        if self.context.device != device:
             raise RuntimeError(
                 f"the prompts are on {self.context.device} but the CLIP model is on "
-                f"{self._tower.device}; the model is held by reference, move it too."
+                f"{device}; the model is held by reference, move it too."
             )
-        ids = _check_class_ids(class_ids, self.num_classes, self.token_ids.device)
-        token_ids = self.token_ids if ids is None else self.token_ids[ids]
-        positions = self.pool_positions if ids is None else self.pool_positions[ids]
-        count = token_ids.shape[0]
-        if self.class_specific:
-            context = self.context if ids is None else self.context[ids]
+        dtype = compute_dtype(self._tower, device)
+        ids = _check_class_ids(class_ids, self.num_classes)
+        if ids is None:
+            order, inverse, chunks = self.order, self.inverse, self._plan(device, dtype)
         else:
-            context = repeat(self.context, "k n w -> c k n w", c=count)
-        token_ids = rearrange(token_ids, "c k l -> (c k) l")
-        positions = rearrange(positions, "c k -> (c k)")
-        context = rearrange(context, "c k n w -> (c k) n w")
-        start, end = self.context_start, self.context_start + self.n_ctx
+            order, inverse, chunks = self._subset_plan(ids, device, dtype)
+        token_ids = rearrange(self.token_ids, "c k l -> (c k) l")
+        positions = rearrange(self.pool_positions, "c k -> (c k)")
+        k, start, end = self.n_subprompts, self.context_start, self.context_start + self.n_ctx
+        if self.class_specific:
+            context, context_rows = rearrange(self.context, "c k n w -> (c k) n w"), order
+        else:
+            context, context_rows = self.context, order.remainder(k)
 
-        def encode(rows: Tensor, length: int) -> Tensor:
-            fixed = self._tower.token_embeddings(token_ids[rows, :length])
-            learned = context[rows].to(fixed.dtype)
+        def encode(first: int, stop: int, length: int) -> Tensor:
+            rows = order[first:stop]
+            fixed = self._tower.token_embeddings(token_ids[:, :length].index_select(0, rows))
+            learned = context.index_select(0, context_rows[first:stop]).to(fixed.dtype)
             embeddings = torch.cat([fixed[:, :start], learned, fixed[:, end:]], dim=1)
-            return self._tower.encode_embeddings(embeddings, positions[rows])
+            return self._tower.encode_embeddings(embeddings, positions.index_select(0, rows))
 
-        features = encode_by_length(
-            encode,
-            positions,
-            chunk_size=self.chunk_size,
-            gradient_checkpointing=self.gradient_checkpointing,
+        features = encode_in_chunks(
+            encode, chunks, gradient_checkpointing=self.gradient_checkpointing
         )
-        return rearrange(F.normalize(features, dim=-1), "(c k) d -> c k d", k=self.n_subprompts)
+        if inverse is not None:
+            features = features.index_select(0, inverse)
+        return rearrange(F.normalize(features, dim=-1), "(c k) d -> c k d", k=k)
 
     def extra_repr(self) -> str:
         return (
@@ -319,8 +406,8 @@ class MixtureOfPrompts(nn.Module):
         )
 
 
-def _encode_frozen(clip_model: nn.Module, token_ids: Tensor, chunk_size: int | None) -> Tensor:
-    """``clip_model.encode_text(token_ids)`` ``(N, dim)`` without a graph, cut where possible."""
+def _encode_frozen(clip_model: nn.Module, token_ids: Tensor, chunk_size: ChunkSize) -> Tensor:
+    """`clip_model.encode_text(token_ids)` `(N, dim)` without a graph, cut where possible."""
     try:
         tower: TextTower | None = TextTower(clip_model)
     except (TypeError, ValueError):  # e.g. a Hugging Face tower: encode_text on full token ids
@@ -338,36 +425,38 @@ def _encode_frozen(clip_model: nn.Module, token_ids: Tensor, chunk_size: int | N
                     "has none."
                 )
             device = next(clip_model.parameters()).device
-            chunks = token_ids.split(chunk_size or max(len(token_ids), 1))
+            rows = 256 if chunk_size == "auto" else chunk_size or max(len(token_ids), 1)
+            chunks = token_ids.split(rows)
             return torch.cat([encode_text(chunk.to(device)) for chunk in chunks])
     finally:
         clip_model.train(was_training)
 
 
 class OffsetMixtureOfPrompts(nn.Module):
-    """K sub-prompts per class as learned offsets from the class's frozen text feature.
+    r"""K sub-prompts per class as learned offsets from the class's frozen text feature.
 
-    Sub-prompt ``k`` of class ``c`` is ``normalize(t_ck + offset_ck)`` where ``t_ck`` is the unit
-    text feature of ``templates[k].format(classname)`` (``f"{ctx_init} {classname}."`` when no
-    templates are given) and ``offset`` ``(num_classes, K, dim)`` is learned. The text tower runs
-    once, at construction (no graph, chunked, cut like :class:`MixtureOfPrompts`); a training
-    step is an add and a normalise. Any open_clip model with ``encode_text`` works, including
-    Hugging Face text towers, and the model is not kept.
+    Sub-prompt $k$ of class $c$ is $f_{ck} = (t_{ck} + o_{ck}) / \lVert t_{ck} + o_{ck} \rVert$
+    where $t_{ck}$ is the unit text feature of `templates[k].format(classname)`
+    (`f"{ctx_init} {classname}."` when no templates are given) and the offset $o$ = `offsets`
+    `(num_classes, K, dim)` is learned. The text tower runs once, at construction (no graph,
+    chunked, cut like `MixtureOfPrompts`); a training step is an add and a normalise. Any
+    open_clip model with `encode_text` works, including Hugging Face text towers, and the model
+    is not kept.
 
-    The frozen features are a non-persistent buffer: ``state_dict()`` holds only ``offsets``.
+    The frozen features are a non-persistent buffer: `state_dict()` holds only `offsets`.
 
     Args:
         clip_model: open_clip model; it is used in eval mode and left as it was.
         tokenizer: The model's open_clip tokenizer.
         classnames: One name per class, used as given.
         n_subprompts: K, the number of sub-prompts per class.
-        ctx_init: Phrase before the class name (``None``: the class name alone, then ``.``).
-            Ignored when ``templates`` is given.
-        templates: Optional K templates with one ``{}``, one per sub-prompt; distinct templates
+        ctx_init: Phrase before the class name (`None`: the class name alone, then `.`).
+            Ignored when `templates` is given.
+        templates: Optional K templates with one `{}`, one per sub-prompt; distinct templates
             start the sub-prompts apart even without noise.
         init_noise_std: Expected norm of each initial offset (normal, std
-            ``init_noise_std / sqrt(dim)`` per entry), relative to the unit text feature.
-        chunk_size: Prompts per chunk when encoding at construction (``None``: all at once).
+            `init_noise_std / sqrt(dim)` per entry), relative to the unit text feature.
+        chunk_size: Chunks when encoding at construction, as in `MixtureOfPrompts`.
         generator: Random generator for the initial offsets.
 
     Examples:
@@ -398,14 +487,14 @@ class OffsetMixtureOfPrompts(nn.Module):
         ctx_init: str | None = "a photo of a",
         templates: Sequence[str] | None = None,
         init_noise_std: float = 0.1,
-        chunk_size: int | None = 256,
+        chunk_size: ChunkSize = "auto",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.classnames = _check_classnames(classnames)
         self.n_subprompts = check_int("n_subprompts", n_subprompts, minimum=1)
         self.init_noise_std = check_positive("init_noise_std", init_noise_std, allow_zero=True)
-        chunk_size = None if chunk_size is None else check_int("chunk_size", chunk_size, minimum=1)
+        chunk_size = _check_chunk_size(chunk_size)
         if not isinstance(clip_model, nn.Module):
             raise TypeError(
                 f"clip_model must be an open_clip model (torch.nn.Module) but is "
@@ -439,17 +528,18 @@ class OffsetMixtureOfPrompts(nn.Module):
         return int(self.text_features.shape[-1])
 
     def forward(self, class_ids: Tensor | Sequence[int] | None = None) -> Tensor:
-        """Sub-prompt features of all classes, or of ``class_ids`` only.
+        """Sub-prompt features of all classes, or of `class_ids` only.
 
         Args:
-            class_ids: ``None`` for all classes, or class indices ``(n,)``.
+            class_ids: `None` for all classes, or class indices `(n,)`.
 
         Returns:
-            L2-normalised sub-prompt features ``(num_classes, K, dim)`` or ``(n, K, dim)``.
+            L2-normalised sub-prompt features `(num_classes, K, dim)` or `(n, K, dim)`.
         """
-        ids = _check_class_ids(class_ids, self.num_classes, self.offsets.device)
+        ids = _check_class_ids(class_ids, self.num_classes)
         if ids is None:
             return F.normalize(self.text_features + self.offsets, dim=-1)
+        ids = ids.to(self.offsets.device)
         return F.normalize(self.text_features[ids] + self.offsets[ids], dim=-1)
 
     def extra_repr(self) -> str:

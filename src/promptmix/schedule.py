@@ -1,6 +1,8 @@
-"""``TemperatureSchedule``: anneals the E-step temperature ``tau`` over training."""
+r"""`TemperatureSchedule`: anneals the E-step temperature $\tau$ over training."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,22 +12,23 @@ from promptmix._validation import check_choice, check_int, check_positive
 
 
 class TemperatureSchedule(nn.Module):
-    r"""Annealed temperature for the E-step, saved and restored with ``state_dict``.
+    r"""Annealed temperature $\tau$ for the E-step, saved and restored with `state_dict`.
 
-    ``schedule()`` returns the current ``tau``; ``schedule.step()`` advances one step. ``tau`` is
-    exactly ``start`` at step 0 (and through ``warmup_steps``), moves monotonically to exactly
-    ``end`` at ``total_steps`` and is held there after. The step counter is a buffer, so a resumed
-    run continues where it stopped.
+    `schedule()` returns the current $\tau$; `schedule.step()` advances one step. $\tau$ is
+    exactly `start` at step 0 (and through `warmup_steps`), moves monotonically to exactly `end` at
+    `total_steps` and is held there after. The step counter is a buffer, so a resumed run continues
+    where it stopped; the module also keeps it as a Python int (kept in step by `step()` and
+    `load_state_dict`), so reading $\tau$ never waits for the device the buffer lives on.
 
-    The default ``end = 0.3`` (not 0.05) keeps assignments soft to the end of training: at CLIP's
-    similarity scale, ``tau = 0.05`` makes the E-step hard and lets one sub-prompt take over.
+    The default `end = 0.3` (not 0.05) keeps assignments soft to the end of training: at CLIP's
+    similarity scale, $\tau = 0.05$ makes the E-step hard and lets one sub-prompt take over.
 
     Args:
-        start: ``tau`` at step 0, ``> 0``.
-        end: ``tau`` from ``total_steps`` on, ``> 0``.
-        total_steps: number of ``step()`` calls to reach ``end``, ``>= 1``.
-        kind: ``"linear"``, ``"cosine"`` or ``"exponential"`` (geometric).
-        warmup_steps: steps held at ``start`` before annealing, in ``[0, total_steps)``.
+        start: $\tau$ at step 0, `> 0`.
+        end: $\tau$ from `total_steps` on, `> 0`.
+        total_steps: Number of `step()` calls to reach `end`, `>= 1`.
+        kind: `"linear"`, `"cosine"` or `"exponential"` (geometric).
+        warmup_steps: Steps held at `start` before annealing, in `[0, total_steps)`.
 
     Examples:
         >>> schedule = TemperatureSchedule(start=1.0, end=0.3, total_steps=2)
@@ -35,8 +38,8 @@ class TemperatureSchedule(nn.Module):
         ...     schedule.step()
         >>> taus
         [1.0, 0.65, 0.3, 0.3]
-        >>> schedule.state_dict()
-        OrderedDict([('step_count', tensor(4))])
+        >>> dict(schedule.state_dict())
+        {'step_count': tensor(4)}
     """
 
     step_count: torch.Tensor
@@ -64,11 +67,12 @@ class TemperatureSchedule(nn.Module):
             "kind", kind, PF.SCHEDULE_KINDS
         )
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
+        self._step = 0  # host mirror of step_count
 
     def forward(self) -> float:
-        """The current ``tau``."""
+        r"""The current $\tau$ (a Python float; reads no tensor)."""
         return PF.temperature_at(
-            int(self.step_count),
+            self._step,
             start=self.start,
             end=self.end,
             total_steps=self.total_steps,
@@ -79,9 +83,18 @@ class TemperatureSchedule(nn.Module):
     def step(self) -> None:
         """Advance the schedule by one step."""
         self.step_count += 1
+        self._step += 1
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        saved = state_dict.get(prefix + "step_count")
+        if isinstance(saved, torch.Tensor):
+            self._step = int(saved)  # once per load, not per step
 
     def extra_repr(self) -> str:
         return (
             f"start={self.start}, end={self.end}, total_steps={self.total_steps}, "
-            f"kind={self.kind!r}, warmup_steps={self.warmup_steps}, step={int(self.step_count)}"
+            f"kind={self.kind!r}, warmup_steps={self.warmup_steps}, step={self._step}"
         )
