@@ -11,12 +11,11 @@ subprompts = torch.nn.Parameter(torch.randn(num_classes, n_subprompts, dim))
 image_features = torch.randn(64, dim)  # frozen CLIP image features of a batch
 labels = torch.randint(0, num_classes, (64,))
 
-schedule = TemperatureSchedule(start=3.0, end=0.3, total_steps=steps)
-loss_fn = MixtureOfPromptsLoss(
+schedule = TemperatureSchedule(total_steps=steps)  # tau 1 -> 0.3, linear: the recommended one
+loss_fn = MixtureOfPromptsLoss(  # the defaults: EM pull 10, marginal entropy 1, no diversity
     tau=schedule,
     # spread each class's usage over its sub-prompts, with a running usage estimate per class
     entropy=AssignmentEntropy("marginal", num_classes=num_classes, n_subprompts=n_subprompts),
-    entropy_weight=0.3,
 )
 out = loss_fn(image_features, subprompts, labels)
 out["loss"].backward()  # gradients reach the sub-prompts
