@@ -25,6 +25,7 @@ from promptmix.functional._common import (
 from promptmix.functional.diversity import diversity_loss
 from promptmix.functional.entropy import assignment_entropy, class_mean_responsibilities, entropy
 from promptmix.functional.estep import (
+    DEFAULT_SINKHORN_ITERATIONS,
     responsibilities,
     responsibilities_from_similarities,
     sinkhorn,
