@@ -58,7 +58,7 @@ CONSTRUCTORS = {
     "SoftEMAssigner": [
         ("mode", "soft"),
         ("scale", 100.0),
-        ("sinkhorn_iterations", 3),
+        ("sinkhorn_iterations", 20),
         ("sync_distributed", False),
     ],
     "TemperatureSchedule": [
