@@ -109,23 +109,28 @@ def simplex_tolerance(probabilities: Tensor) -> float:
     return max(1e-3, 2 * probabilities.shape[-1] * torch.finfo(probabilities.dtype).eps)
 
 
-def check_simplex(name: str, probabilities: Tensor) -> Tensor:
-    """Return `probabilities` if every row lies on the probability simplex.
+def check_simplex(name: str, probabilities: Tensor, *, non_finite: str = "propagate") -> Tensor:
+    """Return `probabilities` if every finite row lies on the probability simplex.
 
     The tolerance grows with the dtype's rounding error, so float16/bfloat16 softmax rows pass.
-    Where `reads_host` allows, a row off the simplex (or non-finite) raises `ValueError`;
-    elsewhere the returned tensor has NaN in such rows (a device-side check, no sync).
+    Where `reads_host` allows, a finite row off the simplex raises `ValueError`; elsewhere the
+    returned tensor has NaN in such rows (a device-side check, no sync). Rows holding NaN or inf
+    are returned as they are (`non_finite="propagate"`: the result will be non-finite, e.g. from
+    NaN features upstream) or raise on any device (`non_finite="raise"`, for diagnostics).
     """
     if probabilities.numel() == 0:
         return probabilities
     atol = simplex_tolerance(probabilities)
     values = probabilities.detach().float()
+    if non_finite == "raise" and not torch.isfinite(values).all():
+        raise ValueError(f"{name} must be finite but contains NaN or inf.")
     if not reads_host(probabilities):
         invalid = (values < -atol).any(dim=-1) | ((values.sum(dim=-1) - 1).abs() > atol)
-        invalid = invalid | ~torch.isfinite(values).all(dim=-1)
         return nan_where(invalid.unsqueeze(-1), probabilities)
-    if not torch.isfinite(values).all():
-        raise ValueError(f"{name} must be finite but contains NaN or inf.")
+    finite_rows = torch.isfinite(values).all(dim=-1)
+    values = values[finite_rows]
+    if values.numel() == 0:
+        return probabilities
     if (values < -atol).any():
         raise ValueError(f"{name} must be non-negative but has minimum {values.min().item():.4g}.")
     row_sums = values.sum(dim=-1)
