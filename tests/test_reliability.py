@@ -163,6 +163,12 @@ def test_unit_keeps_nan_and_inf_visible() -> None:
     unit = _unit(rows)
     assert torch.isnan(unit[0]).all() and not torch.isfinite(unit[1]).all()
     torch.testing.assert_close(unit[2:], torch.tensor([[0.0, 0.0], [0.6, 0.8]]))
+    # Shorter than 1 / sqrt(float32 max) = 5.4e-20: counts as zero (its gradient would overflow).
+    short = torch.tensor([[1e-21, 0.0], [1e-18, 0.0]], requires_grad=True)
+    unit = _unit(short)
+    torch.testing.assert_close(unit.detach(), torch.tensor([[0.0, 0.0], [1.0, 0.0]]))
+    unit[0].sum().backward()
+    assert short.grad.abs().max() == 0
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard", "sinkhorn"])
