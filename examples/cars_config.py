@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,38 @@ class ModelConfig:
     #: weight of the assignment entropy (maximised); 0.3 with marginal entropy stops collapse in
     #: benchmarks/collapse.py where the design note's 0.01 sample entropy does not.
     entropy_loss_weight: float = 0.3
+    #: hand-crafted prompts (``{}`` is the class name) whose frozen text features, averaged over
+    #: the templates, are the anchors and the zero-shot classifier, and LASP's targets.
+    hand_crafted_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    #: weight of ``PromptAnchor`` (KgCoOp: 8 with ``cosine``; PromptSRC: 25 with ``l1``); 0: off.
+    anchor_loss_weight: float = 0.0
+    #: ``"cosine"`` (KgCoOp's code), ``"l2"`` (KgCoOp's paper) or ``"l1"`` (PromptSRC).
+    anchor_distance: str = "cosine"
+    #: weight of ``ZeroShotConsistency``, KL to the hand-crafted classifier (PromptSRC: 1); 0: off.
+    zero_shot_loss_weight: float = 0.0
+    #: distillation temperature of the zero-shot KL (not the E-step's tau).
+    zero_shot_temperature: float = 1.0
+    #: ``"batchmean"`` (ProGrad's) or ``"mean"`` (PromptSRC's: divided by batch * classes).
+    zero_shot_reduction: str = "batchmean"
+    #: weight of LASP's text-to-text loss (LASP: 5); 0: off.
+    text_to_text_loss_weight: float = 0.0
+    #: standard deviation of the noise on the text-to-text targets (LASP: 0.05), 0: none.
+    text_to_text_noise_std: float = 0.0
+    #: weight of DAPT's inter-class dispersion of the text features (DAPT: 0.1); 0: off.
+    dispersion_loss_weight: float = 0.0
+    #: bandwidth t of the dispersion's Gaussian potential exp(-t d^2) (DAPT: 2).
+    dispersion_bandwidth: float = 2.0
+    #: ProGrad: project the rest of the loss's gradient off the direction that opposes the
+    #: zero-shot KL's (needs ``zero_shot_loss_weight > 0``; one process).
+    prograd: bool = False
+    #: ProGrad's lambda: 1 removes the whole conflicting component.
+    prograd_strength: float = 1.0
+    #: PromptSRC's Gaussian-weighted average of the prompts over epochs, used after training.
+    prompt_averaging: bool = False
+    #: centre of the Gaussian over epochs (PromptSRC: 15 of 20 epochs).
+    prompt_averaging_mean: float = 15.0
+    #: width of the Gaussian over epochs (PromptSRC: 1).
+    prompt_averaging_std: float = 1.0
 
 
 @dataclass
@@ -90,6 +123,10 @@ class DataConfig:
     layout: str = "auto"
     #: name of CoOp's split file inside ``root`` (the ``"coop"`` layout).
     split_file: str = "split_zhou_StanfordCars.json"
+    #: CoCoOp's base-to-new protocol: ``"all"`` classes, the ``"base"`` half (the first
+    #: ceil(n/2) labels) or the ``"new"`` half (the rest), each relabelled from 0. The few-shot
+    #: sample is drawn over all classes first, so a seed picks the same images in every setting.
+    subsample_classes: str = "all"
 
 
 @dataclass
@@ -172,7 +209,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.assignment": ("soft", "hard", "sinkhorn"),
     "model.entropy_mode": ("sample", "marginal", "mutual_information"),
     "model.aggregation": ("logsumexp", "max", "mean", "responsibility"),
+    "model.anchor_distance": ("cosine", "l2", "l1"),
+    "model.zero_shot_reduction": ("batchmean", "mean", "sum"),
     "data.layout": ("auto", "original", "coop", "folders"),
+    "data.subsample_classes": ("all", "base", "new"),
     "train.optimizer": ("sgd", "adamw"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -245,6 +285,26 @@ def _check_ranges(cfg: DictConfig) -> None:
         ("model.mixture_loss_weight", cfg.model.mixture_loss_weight >= 0, ">= 0"),
         ("model.diversity_loss_weight", cfg.model.diversity_loss_weight >= 0, ">= 0"),
         ("model.entropy_loss_weight", cfg.model.entropy_loss_weight >= 0, ">= 0"),
+        ("model.anchor_loss_weight", cfg.model.anchor_loss_weight >= 0, ">= 0"),
+        ("model.zero_shot_loss_weight", cfg.model.zero_shot_loss_weight >= 0, ">= 0"),
+        ("model.zero_shot_temperature", cfg.model.zero_shot_temperature > 0, "> 0"),
+        ("model.text_to_text_loss_weight", cfg.model.text_to_text_loss_weight >= 0, ">= 0"),
+        ("model.text_to_text_noise_std", cfg.model.text_to_text_noise_std >= 0, ">= 0"),
+        ("model.dispersion_loss_weight", cfg.model.dispersion_loss_weight >= 0, ">= 0"),
+        ("model.dispersion_bandwidth", cfg.model.dispersion_bandwidth > 0, "> 0"),
+        (
+            "model.prograd",
+            not cfg.model.prograd or cfg.model.zero_shot_loss_weight > 0,
+            "false unless model.zero_shot_loss_weight > 0 (its reference gradient)",
+        ),
+        ("model.prograd_strength", cfg.model.prograd_strength >= 0, ">= 0"),
+        ("model.prompt_averaging_std", cfg.model.prompt_averaging_std > 0, "> 0"),
+        (
+            "model.hand_crafted_templates",
+            len(cfg.model.hand_crafted_templates) >= 1
+            and all("{}" in t for t in cfg.model.hand_crafted_templates),
+            "a non-empty list of templates that each contain {}",
+        ),
         ("train.shots", cfg.train.shots is None or cfg.train.shots >= 1, ">= 1 or null"),
         ("train.epochs", cfg.train.epochs >= 1, ">= 1"),
         ("train.batch_size", cfg.train.batch_size >= 1, ">= 1"),
@@ -260,6 +320,14 @@ def _check_ranges(cfg: DictConfig) -> None:
     for key, ok, expected in checks:
         if not ok:
             raise ConfigError(f"{key} must be {expected} but is {OmegaConf.select(cfg, key)}.")
+    if cfg.model.em_tau_start < cfg.model.em_tau_end:
+        warnings.warn(
+            f"model.em_tau_start ({cfg.model.em_tau_start}) is below model.em_tau_end "
+            f"({cfg.model.em_tau_end}): the E-step temperature rises during training, so the "
+            "assignments grow softer instead of sharper. Swap them unless you mean it.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def load_config(

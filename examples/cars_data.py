@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -274,6 +275,33 @@ def few_shot(samples: Sequence[Sample], shots: int | None, seed: int) -> list[Sa
         chosen = generator.choice(len(pool), size=min(shots, len(pool)), replace=False)
         picked += [pool[index] for index in sorted(chosen)]
     return picked
+
+
+def subsample_classes(
+    classnames: Sequence[str], samples: Sequence[Sample], which: str
+) -> tuple[list[str], list[Sample]]:
+    """CoCoOp's base-to-new split: the ``"base"`` or ``"new"`` half of the classes, or ``"all"``.
+
+    Base is the first ``ceil(n / 2)`` labels in class order, new the rest; the kept classes are
+    relabelled from 0 in the same order, so new classes form their own classification problem.
+
+    Examples:
+        >>> pool = [Sample(Path(f"{i}.jpg"), i % 3) for i in range(6)]
+        >>> names, kept = subsample_classes(["a", "b", "c"], pool, "new")
+        >>> names, [(s.path.name, s.label) for s in kept]
+        (['c'], [('2.jpg', 0), ('5.jpg', 0)])
+    """
+    if which not in ("all", "base", "new"):
+        raise ValueError(f"data.subsample_classes must be all, base or new but is '{which}'.")
+    if which == "all":
+        return list(classnames), list(samples)
+    middle = math.ceil(len(classnames) / 2)
+    kept = range(middle) if which == "base" else range(middle, len(classnames))
+    relabel = {old: new for new, old in enumerate(kept)}
+    return (
+        [classnames[label] for label in kept],
+        [Sample(s.path, relabel[s.label]) for s in samples if s.label in relabel],
+    )
 
 
 def load_image(path: Path) -> Image.Image:

@@ -7,6 +7,7 @@ Start a multi-GPU run with ``torchrun --nproc_per_node=N examples/train_cars.py 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +34,26 @@ class Runtime:
         return self.world_size > 1
 
 
-def _pick_device(choice: str, local_rank: int) -> torch.device:
+def _pick_device(choice: str, local_rank: int, local_world_size: int = 1) -> torch.device:
+    """`train.device` for the process with `local_rank` among `local_world_size` on this machine.
+
+    Under `torchrun` every process needs a GPU of its own. With `"auto"`, when the machine has
+    fewer GPUs than processes, *all* of them run on the CPU (one gloo group) with a warning; with
+    `"cuda"` that is an error.
+    """
     if choice == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=auto.")
     if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    available = torch.cuda.device_count()
+    if local_world_size > available:
+        message = (
+            f"{local_world_size} processes on this machine but only {available} GPU(s): start "
+            f"torchrun with --nproc_per_node={available} or fewer"
+        )
+        if choice == "cuda":
+            raise RuntimeError(f"train.device=cuda but {message}.")
+        warnings.warn(f"{message}; every process runs on the CPU (gloo).", stacklevel=2)
         return torch.device("cpu")
     return torch.device("cuda", local_rank)
 
@@ -49,7 +66,8 @@ def setup_runtime(device_choice: str = "auto") -> Runtime:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _pick_device(device_choice, local_rank)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    device = _pick_device(device_choice, local_rank, local_world_size)
     if world_size == 1:
         return Runtime(0, 1, device)
     if device.type == "cuda":

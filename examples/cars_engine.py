@@ -111,6 +111,8 @@ class Trainer:
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.logit_scale, self.metrics = logit_scale, metrics
         self.parameters = [p for p in learner.parameters() if p.requires_grad]
+        # The objective's own terms, then each extra regularizer's, as the loss reports them.
+        self.terms = LOSS_TERMS + tuple(objective.regularizers)
         self.model: nn.Module = learner
         if runtime.distributed:
             device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -132,7 +134,7 @@ class Trainer:
         """
         self.model.train()
         self.objective.train()
-        totals = torch.zeros(len(LOSS_TERMS), dtype=torch.float64, device=self.runtime.device)
+        totals = torch.zeros(len(self.terms), dtype=torch.float64, device=self.runtime.device)
         step = first_step
         show = self.runtime.is_main and self.cfg.output.progress_bar
         epochs = self.cfg.train.epochs
@@ -148,7 +150,7 @@ class Trainer:
                 tau, lr = self.tau, self.optimizer.param_groups[0]["lr"]
                 terms = self._step(image_features, labels, epoch, step)
                 totals += terms.double()
-                values = dict(zip(LOSS_TERMS, terms.tolist(), strict=True))
+                values = dict(zip(self.terms, terms.tolist(), strict=True))
                 bar.set_postfix(
                     ce=f"{values['ce']:.3f}",
                     mix=f"{values['mixture']:.3f}",
@@ -162,10 +164,10 @@ class Trainer:
                     averaged = all_reduce_mean(terms, self.runtime).tolist()
                     self.metrics.write(
                         {"event": "step", "epoch": epoch, "step": step, "lr": lr, "tau": tau}
-                        | dict(zip(LOSS_TERMS, averaged, strict=True))
+                        | dict(zip(self.terms, averaged, strict=True))
                     )
         means = all_reduce_mean(totals / len(batches), self.runtime)
-        return dict(zip(LOSS_TERMS, means.tolist(), strict=True))
+        return dict(zip(self.terms, means.tolist(), strict=True))
 
     def _step(
         self, image_features: torch.Tensor, labels: torch.Tensor, epoch: int, step: int
@@ -175,10 +177,21 @@ class Trainer:
         out = self.objective(
             image_features.float(), subprompt_features.float(), labels, logit_scale=self.logit_scale
         )
-        terms = torch.stack([out[name].detach().float() for name in LOSS_TERMS])
+        terms = torch.stack([out[name].detach().float() for name in self.terms])
         self._check_finite(terms, "loss", epoch, step, out)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out["loss"]).backward()
+        if self.cfg.model.prograd:
+            # ProGrad: the zero-shot KL steers the direction of the rest of the loss.
+            reference = out["zero_shot"]
+            rest = out["loss"] - self.objective.regularizer_weights["zero_shot"] * reference
+            promptmix.prograd_backward(
+                self.scaler.scale(rest),
+                self.scaler.scale(reference),
+                self.parameters,
+                strength=self.cfg.model.prograd_strength,
+            )
+        else:
+            self.scaler.scale(out["loss"]).backward()
         clip = self.cfg.train.grad_clip_norm
         if clip is not None:
             self.scaler.unscale_(self.optimizer)
@@ -197,10 +210,10 @@ class Trainer:
     ) -> None:
         if not any_process(not bool(torch.isfinite(values).all()), self.runtime):
             return
-        parts = ", ".join(f"{name}={out[name].item():.4g}" for name in LOSS_TERMS)
+        parts = ", ".join(f"{name}={out[name].item():.4g}" for name in self.terms)
         self.metrics.write(
             {"event": "nonfinite", "epoch": epoch, "step": step, "what": what}
-            | {name: out[name].item() for name in LOSS_TERMS}
+            | {name: out[name].item() for name in self.terms}
         )
         raise NonFiniteLossError(
             f"Non-finite {what} at epoch {epoch}, step {step} ({parts}, tau={self.tau:.3g}): "

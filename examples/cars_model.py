@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import huggingface_hub
 import open_clip
 import torch
 from cars_config import TINY_CLIP_NAME, ConfigError
@@ -68,53 +69,111 @@ def _check_model_name(name: str, pretrained: str | None) -> None:
         )
 
 
+def _weight_files(pretrained_cfg: dict[str, Any]) -> tuple[str, list[str]]:
+    """The Hugging Face repository of a pretrained tag and the files open_clip tries there."""
+    repo_id, _, filename = pretrained_cfg["hf_hub"].partition("/")
+    filename = filename or open_clip.pretrained.HF_WEIGHTS_NAME
+    return repo_id, [*open_clip.pretrained._get_safe_alternatives(filename), filename]
+
+
+def weights_cached(name: str, pretrained: str) -> bool:
+    """Whether open_clip finds the ``pretrained`` weights of ``name`` without the network."""
+    pretrained_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not pretrained_cfg.get("hf_hub"):
+        return False
+    repo_id, filenames = _weight_files(pretrained_cfg)
+    return any(
+        isinstance(huggingface_hub.try_to_load_from_cache(repo_id, filename), str)
+        for filename in filenames
+    )
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers within ``timeout`` seconds (``False`` when offline).
+
+    One short request instead of open_clip's download, whose retries take about a minute to give
+    up on a machine without network.
+    """
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        huggingface_hub.utils.get_session().head(
+            huggingface_hub.constants.ENDPOINT, timeout=timeout
+        )
+    except Exception:  # any failure to connect (DNS, refused, timeout, proxy) means: offline
+        return False
+    return True
+
+
+def _offline_error(name: str, pretrained: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"model.clip_name={name} model.pretrained={pretrained}: {why}; pass a local checkpoint "
+        "instead: model.pretrained=/path/to/open_clip_model.safetensors (or the Hugging Face "
+        "cache from a connected machine)."
+    )
+
+
+def tiny_clip_bundle(pretrained: str | None, tokenizer_name: str | None) -> ClipBundle:
+    """`tiny_clip()` with open_clip's preprocessing, its weights from ``pretrained`` if given.
+
+    ``pretrained`` is a file written by ``torch.save(model.state_dict())``, e.g. the demo's
+    contrastively pre-trained tiny CLIP.
+    """
+    model = tiny_clip()
+    if pretrained is not None:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"model.clip_name={TINY_CLIP_NAME} has no published weights: model.pretrained "
+                f"must be null or a local state-dict file, but '{pretrained}' is not a file."
+            )
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    preprocess = open_clip.get_model_preprocess_cfg(model)
+    train_transform, eval_transform = (
+        open_clip.image_transform(
+            preprocess["size"],
+            is_train=is_train,
+            mean=preprocess.get("mean"),
+            std=preprocess.get("std"),
+        )
+        for is_train in (True, False)
+    )
+    tokenizer = open_clip.get_tokenizer(tokenizer_name or TINY_TOKENIZER)
+    return ClipBundle(model, tokenizer, train_transform, eval_transform)
+
+
 def load_clip(cfg: DictConfig, device: torch.device) -> ClipBundle:
     """Build the frozen CLIP of ``cfg.model`` with open_clip's own preprocessing.
 
-    ``model.clip_name: tiny-random`` builds :func:`tiny_clip`; any other name goes through
+    ``model.clip_name: tiny-random`` builds `tiny_clip()` (random weights, or a local
+    state-dict file as ``model.pretrained``); any other name goes through
     ``open_clip.create_model_and_transforms(name, pretrained=tag_or_local_path)``.
 
     Raises:
-        ConfigError: unknown model name or pretrained tag (with the closest valid one).
-        RuntimeError: the weights could not be downloaded (offline), with what to do about it.
+        ConfigError: unknown model name or pretrained tag (with the closest valid one), or
+            weights that are neither cached nor downloadable (one line, within seconds).
     """
     name, pretrained = cfg.model.clip_name, cfg.model.pretrained
     if name == TINY_CLIP_NAME:
-        if pretrained is not None:
-            raise ConfigError(
-                f"model.clip_name={TINY_CLIP_NAME} has no weights: set pretrained=null."
-            )
-        model = tiny_clip()
-        preprocess = open_clip.get_model_preprocess_cfg(model)
-        train_transform, eval_transform = (
-            open_clip.image_transform(
-                preprocess["size"],
-                is_train=is_train,
-                mean=preprocess.get("mean"),
-                std=preprocess.get("std"),
-            )
-            for is_train in (True, False)
+        bundle = tiny_clip_bundle(pretrained, cfg.model.tokenizer)
+        bundle.model.requires_grad_(False).eval().to(device)
+        return bundle
+    _check_model_name(name, pretrained)
+    is_tag = pretrained is not None and not Path(pretrained).expanduser().exists()
+    if is_tag and not weights_cached(name, pretrained) and not hub_reachable():
+        raise _offline_error(
+            name, pretrained, "the weights are not cached and the network is unreachable"
         )
-        tokenizer_name = cfg.model.tokenizer or TINY_TOKENIZER
-    else:
-        _check_model_name(name, pretrained)
-        try:
-            model, train_transform, eval_transform = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained
-            )
-        except RuntimeError as error:
-            if "download" not in str(error).lower():
-                raise
-            raise RuntimeError(
-                f"Could not get the '{pretrained}' weights of {name}: {error}\n"
-                "Without internet, download them on a connected machine (open_clip caches them "
-                "under ~/.cache/huggingface) and copy the cache, or pass "
-                "model.pretrained=/path/to/open_clip_model.safetensors. Set HF_HUB_OFFLINE=1 to "
-                "fail fast instead of retrying."
-            ) from error
-        tokenizer_name = cfg.model.tokenizer or name
+    try:
+        model, train_transform, eval_transform = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained
+        )
+    except (RuntimeError, FileNotFoundError) as error:
+        if "download" not in str(error).lower():
+            raise
+        raise _offline_error(name, pretrained, "downloading the weights failed") from error
     model.requires_grad_(False).eval().to(device)
-    tokenizer = open_clip.get_tokenizer(tokenizer_name)
+    tokenizer = open_clip.get_tokenizer(cfg.model.tokenizer or name)
     return ClipBundle(model, tokenizer, train_transform, eval_transform)
 
 
@@ -146,10 +205,81 @@ def build_learner(cfg: DictConfig, clip: ClipBundle, classnames: list[str]) -> n
     )
 
 
+@torch.no_grad()
+def hand_crafted_features(
+    clip: ClipBundle, classnames: Sequence[str], templates: Sequence[str]
+) -> torch.Tensor:
+    """Unit text features ``(len(templates), num_classes, dim)`` of the frozen text tower."""
+    device = next(clip.model.parameters()).device
+    features = []
+    for template in templates:
+        tokens = clip.tokenizer([template.format(name) for name in classnames]).to(device)
+        encoded = torch.cat([clip.model.encode_text(chunk) for chunk in tokens.split(256)])
+        features.append(torch.nn.functional.normalize(encoded.float(), dim=-1))
+    return torch.stack(features)
+
+
+def build_regularizers(
+    cfg: DictConfig, clip: ClipBundle | None, classnames: Sequence[str] | None
+) -> dict[str, tuple[nn.Module, float]]:
+    """The field's regularizers whose weight in ``cfg.model`` is positive, with their references.
+
+    The hand-crafted templates are encoded once by the frozen text tower; their mean (over
+    templates) is the anchor of ``PromptAnchor`` and the zero-shot classifier of
+    ``ZeroShotConsistency``, and each template's features are a target of ``TextToTextLoss``. The
+    modules keep them as non-persistent buffers, so the training step passes nothing extra.
+    """
+    model = cfg.model
+    needs_text = (
+        model.anchor_loss_weight or model.zero_shot_loss_weight or model.text_to_text_loss_weight
+    )
+    regularizers: dict[str, tuple[nn.Module, float]] = {}
+    if needs_text:
+        if clip is None or classnames is None:
+            raise ValueError(
+                "The anchor, zero-shot and text-to-text terms need clip and classnames."
+            )
+        templates = hand_crafted_features(clip, classnames, list(model.hand_crafted_templates))
+        ensemble = torch.nn.functional.normalize(templates.mean(0), dim=-1)
+        if model.anchor_loss_weight:
+            anchor = promptmix.PromptAnchor(model.anchor_distance, anchor_features=ensemble)
+            regularizers["anchor"] = (anchor, model.anchor_loss_weight)
+        if model.zero_shot_loss_weight:
+            consistency = promptmix.ZeroShotConsistency(
+                model.zero_shot_temperature,
+                model.zero_shot_reduction,
+                zero_shot_text_features=ensemble,
+                logit_scale=clip.logit_scale,
+            )
+            regularizers["zero_shot"] = (consistency, model.zero_shot_loss_weight)
+        if model.text_to_text_loss_weight:
+            text_to_text = promptmix.TextToTextLoss(
+                clip.logit_scale,
+                model.aggregation,
+                noise_std=model.text_to_text_noise_std,
+                template_features=templates,
+            )
+            regularizers["text_to_text"] = (text_to_text, model.text_to_text_loss_weight)
+    if model.dispersion_loss_weight:
+        dispersion = promptmix.InterClassDispersion(model.dispersion_bandwidth)
+        regularizers["dispersion"] = (dispersion, model.dispersion_loss_weight)
+    return regularizers
+
+
 def build_objective(
-    cfg: DictConfig, num_classes: int, total_steps: int, *, sync_distributed: bool
+    cfg: DictConfig,
+    num_classes: int,
+    total_steps: int,
+    *,
+    sync_distributed: bool,
+    clip: ClipBundle | None = None,
+    classnames: Sequence[str] | None = None,
 ) -> promptmix.MixtureOfPromptsLoss:
-    """The objective with its temperature schedule annealed over ``total_steps`` iterations."""
+    """The objective with its temperature schedule annealed over ``total_steps`` iterations.
+
+    ``clip`` and ``classnames`` encode the hand-crafted prompts for the anchor, zero-shot and
+    text-to-text regularizers (see :func:`build_regularizers`); only those need them.
+    """
     model = cfg.model
     schedule = promptmix.TemperatureSchedule(
         start=model.em_tau_start,
@@ -174,6 +304,7 @@ def build_objective(
             n_subprompts=model.n_subprompts,
             sync_distributed=sync_distributed,
         ),
+        regularizers=build_regularizers(cfg, clip, classnames),
         sync_distributed=sync_distributed,
     )
 

@@ -21,7 +21,14 @@ from cars_checkpoint import (
     trainable_state_dict,
 )
 from cars_config import ConfigError, to_yaml
-from cars_data import CarsSplits, ImageDataset, Sample, few_shot, load_stanford_cars
+from cars_data import (
+    CarsSplits,
+    ImageDataset,
+    Sample,
+    few_shot,
+    load_stanford_cars,
+    subsample_classes,
+)
 from cars_distributed import Runtime
 from cars_engine import Diagnostics, Trainer, build_optimizer, build_scheduler
 from cars_features import (
@@ -156,6 +163,11 @@ class Run:
     """Everything one call of ``train_cars.py`` builds, and the loop that uses it."""
 
     def __init__(self, cfg: DictConfig, runtime: Runtime, resume: Path | None = None):
+        if cfg.model.prograd and runtime.distributed:
+            raise ConfigError(
+                "model.prograd runs two backward passes that DDP does not all-reduce; train it "
+                "with one process."
+            )
         self.cfg, self.runtime, self.paths = cfg, runtime, run_paths(cfg)
         seed_everything(cfg.train.seed)
         splits = self._load_data()
@@ -174,8 +186,20 @@ class Run:
             len(self.classnames),
             cfg.train.epochs * len(self.batches),
             sync_distributed=runtime.distributed,
+            clip=self.clip,
+            classnames=self.classnames,
         ).to(runtime.device)
         self.epoch, self.step = 0, 0
+        self.average = (
+            promptmix.GaussianPromptAverage(
+                self.learner,
+                total_epochs=cfg.train.epochs,
+                mean=cfg.model.prompt_averaging_mean,
+                std=cfg.model.prompt_averaging_std,
+            )
+            if cfg.model.prompt_averaging
+            else None
+        )
         self.trainer = self._build_trainer(resume)
         if runtime.is_main:
             self.paths["config"].write_text(to_yaml(cfg))
@@ -183,12 +207,19 @@ class Run:
     def _load_data(self) -> CarsSplits:
         cfg = self.cfg
         splits = load_stanford_cars(cfg.data.root, cfg.data.layout, cfg.data.split_file)
-        self.classnames, self.data_root = splits.classnames, splits.root
-        self.train_samples = few_shot(splits.train, cfg.train.shots, cfg.train.seed)
+        self.data_root = splits.root
+        # The shots are drawn over all classes before the base/new filter (CoCoOp's order).
+        drawn = few_shot(splits.train, cfg.train.shots, cfg.train.seed)
+        which = cfg.data.subsample_classes
+        self.classnames, self.train_samples = subsample_classes(splits.classnames, drawn, which)
+        _, splits.test = subsample_classes(splits.classnames, splits.test, which)
+        splits.classnames = self.classnames
         logger.info(
-            "%s shots per class, seed %d: %d training images; %d test images",
+            "%s shots per class, seed %d, %s classes (%d): %d training images; %d test images",
             cfg.train.shots or "all",
             cfg.train.seed,
+            which,
+            len(self.classnames),
             len(self.train_samples),
             len(splits.test),
         )
@@ -297,6 +328,8 @@ class Run:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
+        if self.average is not None:
+            self.average.load_state_dict(checkpoint["prompt_average"])
         states = checkpoint["rng"]
         if len(states) != self.runtime.world_size:
             logger.warning(
@@ -329,6 +362,7 @@ class Run:
                 "optimizer": trainer.optimizer.state_dict(),
                 "scheduler": trainer.scheduler.state_dict(),
                 "scaler": trainer.scaler.state_dict(),
+                "prompt_average": None if self.average is None else self.average.state_dict(),
                 "rng": rng_states,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
                 "classnames": self.classnames,
@@ -369,6 +403,8 @@ class Run:
             seconds = time.perf_counter() - start
             train_seconds += seconds
             self.epoch, self.step = epoch, self.step + len(self.batches)
+            if self.average is not None:
+                self.average.update()
             subprompts = self.trainer.subprompt_features()
             record = {
                 "event": "epoch",
@@ -394,8 +430,33 @@ class Run:
                 seconds,
             )
             self.save_checkpoint()
+        if self.average is not None and self.epoch == cfg.train.epochs:
+            record = self._use_prompt_average(record)
         self._report_speedup(train_seconds, first_epoch)
         return record
+
+    def _use_prompt_average(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Replace the prompts by their Gaussian-weighted average over epochs and evaluate it."""
+        assert self.average is not None
+        last = record.get("test_accuracy")
+        self.average.copy_to(self.learner)
+        subprompts = self.trainer.subprompt_features()
+        accuracy = self.trainer.accuracy(self.test_features, self.test_labels, subprompts)
+        logger.info(
+            "prompt average over %d epochs: test top-1 %.2f%% (last epoch's prompts: %s)",
+            self.epoch,
+            accuracy,
+            "not evaluated" if last is None else f"{last:.2f}%",
+        )
+        averaged = {
+            "event": "prompt_average",
+            "epoch": self.epoch,
+            "step": self.step,
+            "test_accuracy": accuracy,
+        } | self._diagnose(subprompts).summary()
+        self.metrics.write(averaged)
+        self.save_checkpoint()  # the checkpoint now holds the averaged prompts
+        return record | {"test_accuracy": accuracy}
 
     def _evaluates(self, epoch: int) -> bool:
         return epoch % self.cfg.train.eval_every == 0 or epoch == self.cfg.train.epochs
@@ -427,6 +488,75 @@ class Run:
             }
         )
 
+    def evaluate_checkpoint(self, path: Path) -> float:
+        """Test accuracy of the prompts learned in ``path`` on this run's classes, no training.
+
+        The base-to-new protocol evaluates the prompts learned on the base classes on the new
+        ones; only a context shared by all classes (``model.class_specific=false`` with the
+        ``mixture`` learner) carries over to classes it was not trained on.
+
+        Raises:
+            ConfigError: not a checkpoint of this script, another model config, or per-class
+                parameters asked to classify other classes.
+        """
+        checkpoint = load_checkpoint(path)
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"{path} is not a train_cars.py checkpoint (format 1).")
+        saved_model = checkpoint["config"]["model"]
+        current = OmegaConf.to_container(self.cfg.model, resolve=True)
+        changed = [
+            f"model.{key}: {saved_model.get(key)!r} -> {current.get(key)!r}"
+            for key in sorted(current)
+            if saved_model.get(key) != current.get(key)
+        ]
+        if changed:
+            raise ConfigError(f"{path} was trained with another model config: {'; '.join(changed)}")
+        model = self.cfg.model
+        per_class = model.learner == "offset" or model.class_specific
+        if checkpoint["classnames"] != self.classnames and per_class:
+            raise ConfigError(
+                f"{path} learned one set of parameters per class (model.learner={model.learner}, "
+                f"model.class_specific={model.class_specific}); they cannot classify other "
+                "classes. Train with model.learner=mixture model.class_specific=false for "
+                "base-to-new."
+            )
+        load_trainable_state_dict(self.learner, checkpoint["learner"])
+        # The temperature the training ended at (the usage estimate belongs to its classes).
+        schedule = {k: v for k, v in checkpoint["objective"].items() if k.startswith("schedule.")}
+        self.objective.load_state_dict(schedule, strict=False)
+        subprompts = self.trainer.subprompt_features()
+        accuracy = self.trainer.accuracy(self.test_features, self.test_labels, subprompts)
+        which = self.cfg.data.subsample_classes
+        logger.info(
+            "prompts of %s on the %s classes (%d): test top-1 %.2f%%",
+            path,
+            which,
+            len(self.classnames),
+            accuracy,
+        )
+        self.metrics.write(
+            {
+                "event": "eval",
+                "epoch": checkpoint["epoch"],
+                "step": checkpoint["step"],
+                "test_accuracy": accuracy,
+                "checkpoint": str(path),
+            }
+            | self._diagnose(subprompts).summary()
+        )
+        return accuracy
+
+    def result(self) -> dict[str, Any]:
+        """The final numbers of the run: test accuracy and the collapse diagnostics."""
+        subprompts = self.trainer.subprompt_features()
+        diagnostics = self.trainer.diagnose(self.train_features, self.train_labels, subprompts)
+        return {
+            "accuracy": self.trainer.accuracy(self.test_features, self.test_labels, subprompts),
+            "dominant_share": diagnostics.report.dominant_share,
+            "effective_subprompts": diagnostics.report.effective_subprompts,
+            "responsibilities": diagnostics.responsibilities,
+        }
+
     def draw(self) -> list[Path]:
         """The run's pictures from the final sub-prompts (main process)."""
         if not (self.runtime.is_main and self.cfg.output.plots):
@@ -442,6 +572,8 @@ class Run:
             top_n=self.cfg.output.plot_top_images,
             records=read_records(self.paths["metrics"]),
             folder=self.paths["plots"],
+            cosine_threshold=self.cfg.output.collapse_cosine_threshold,
+            share_threshold=self.cfg.output.collapse_share_threshold,
         )
         logger.info("pictures: %s", ", ".join(str(path) for path in paths))
         return paths

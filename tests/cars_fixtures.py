@@ -28,10 +28,13 @@ if str(EXAMPLES) not in sys.path:
 import cars_checkpoint  # noqa: E402
 import cars_config  # noqa: E402
 import cars_data  # noqa: E402
+import cars_demo  # noqa: E402
 import cars_distributed  # noqa: E402
 import cars_features  # noqa: E402
+import cars_grid  # noqa: E402
 import cars_metrics  # noqa: E402
 import cars_model  # noqa: E402
+import cars_plots  # noqa: E402
 import train_cars  # noqa: E402
 from cars_data import load_stanford_cars  # noqa: E402
 from cars_demo import write_synthetic_cars  # noqa: E402
@@ -43,10 +46,13 @@ __all__ = [
     "cars_checkpoint",
     "cars_config",
     "cars_data",
+    "cars_demo",
     "cars_distributed",
     "cars_features",
+    "cars_grid",
     "cars_metrics",
     "cars_model",
+    "cars_plots",
     "old_config",
     "one_torch_thread",
     "step_records",

@@ -263,15 +263,6 @@ def test_augmented_views_are_reproducible(data_root: Path) -> None:
     assert torch.equal(encode(None, plain), encode(None, plain))
 
 
-def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
-    status = train_cars.main(["--demo", "--output-dir", str(tmp_path), "train.epochs=1"])
-    assert status == train_cars.EXIT_OK
-    records = cars_metrics.read_records(tmp_path / "metrics.jsonl")
-    assert [r["event"] for r in records if r["event"] != "step"] == ["eval", "epoch", "speedup"]
-    assert len(list((tmp_path / "plots").glob("subprompts_class*.png"))) == 3
-    assert (tmp_path / "checkpoints" / "last.pt").is_file()
-
-
 def test_offset_learner_with_tensorboard(data_root: Path, config: Path, tmp_path: Path) -> None:
     overrides = ["train.epochs=1", "model.learner=offset", "output.tensorboard=true"]
     assert train_cars.main(_args_no_plots(data_root, config, tmp_path, *overrides)) == 0

@@ -14,31 +14,46 @@ PUBLIC_NAMES = [
     "AssignmentEntropy",
     "CollapseReport",
     "DiversityLoss",
+    "GaussianPromptAverage",
+    "ImagePrototypeLoss",
+    "InterClassDispersion",
     "MixtureOfPrompts",
     "MixtureOfPromptsLoss",
     "OffsetMixtureOfPrompts",
+    "PromptAnchor",
     "SoftEMAssigner",
     "TemperatureSchedule",
+    "TextToTextLoss",
+    "ZeroShotConsistency",
     "__version__",
     "detect_collapse",
     "diagnostics",
     "functional",
+    "prograd_backward",
+    "project_conflicting_gradients",
 ]
 
 FUNCTIONAL_NAMES = [
+    "anchor_distances",
     "assignment_entropy",
     "class_logits",
     "class_mean_responsibilities",
+    "class_prototypes",
     "connected_zero",
+    "dispersion_loss",
     "diversity_loss",
     "entropy",
+    "image_prototype_loss",
     "own_class_similarities",
     "pairwise_cosine",
+    "prompt_anchor_loss",
     "responsibilities",
     "responsibilities_from_similarities",
     "sinkhorn",
     "subprompt_similarities",
     "temperature_at",
+    "text_to_text_loss",
+    "zero_shot_consistency",
 ]
 
 EMPTY = inspect.Parameter.empty
@@ -80,6 +95,31 @@ CONSTRUCTORS = {
         ("regularizers", None),
         ("sync_distributed", False),
     ],
+    "PromptAnchor": [("distance", "cosine"), ("reduction", "mean"), ("anchor_features", None)],
+    "ZeroShotConsistency": [
+        ("temperature", 1.0),
+        ("reduction", "batchmean"),
+        ("text_weight", 0.0),
+        ("image_weight", 0.0),
+        ("zero_shot_text_features", None),
+        ("logit_scale", 100.0),
+    ],
+    "TextToTextLoss": [
+        ("logit_scale", 100.0),
+        ("aggregation", "logsumexp"),
+        ("reduction", "mean"),
+        ("noise_std", 0.0),
+        ("noise_probability", 0.5),
+        ("template_features", None),
+    ],
+    "InterClassDispersion": [("bandwidth", 2.0)],
+    "ImagePrototypeLoss": [("prototypes", None)],
+    "GaussianPromptAverage": [
+        ("module", EMPTY),
+        ("total_epochs", EMPTY),
+        ("mean", 15.0),
+        ("std", 1.0),
+    ],
 }
 
 # Arguments that must be passed by keyword (so their order can change without breaking callers).
@@ -95,6 +135,16 @@ KEYWORD_ONLY = {
     "SoftEMAssigner": {"scale", "sinkhorn_iterations", "sync_distributed"},
     "TemperatureSchedule": {"total_steps", "kind", "warmup_steps"},
     "MixtureOfPromptsLoss": {name for name, _ in CONSTRUCTORS["MixtureOfPromptsLoss"]},
+    "PromptAnchor": {"anchor_features"},
+    "ZeroShotConsistency": {
+        "text_weight",
+        "image_weight",
+        "zero_shot_text_features",
+        "logit_scale",
+    },
+    "TextToTextLoss": {"noise_std", "noise_probability", "template_features"},
+    "ImagePrototypeLoss": {"prototypes"},
+    "GaussianPromptAverage": {"mean", "std"},
 }
 
 

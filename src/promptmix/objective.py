@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,11 @@ def _check_sync(name: str, part: nn.Module, sync_distributed: bool) -> None:
             f"{name}.sync_distributed must equal the loss's sync_distributed={sync_distributed} "
             f"but is {part.sync_distributed}; configure both the same way."
         )
+
+
+def _inputs_of(module: nn.Module) -> tuple[str, ...]:
+    """The keyword arguments a regularizer's `forward` takes (checked at construction)."""
+    return cast(tuple[str, ...], module.inputs)
 
 
 def _check_regularizers(
@@ -266,7 +272,7 @@ class MixtureOfPromptsLoss(nn.Module):
     def _regularizer_terms(
         self, zero: Tensor, available: dict[str, Tensor], extra: dict[str, Tensor]
     ) -> dict[str, Tensor]:
-        wanted = {name for module in self.regularizers.values() for name in module.inputs}
+        wanted = {name for module in self.regularizers.values() for name in _inputs_of(module)}
         unused = sorted(set(extra) - wanted)
         if unused:
             raise TypeError(
@@ -275,7 +281,7 @@ class MixtureOfPromptsLoss(nn.Module):
             )
         terms: dict[str, Tensor] = {}
         for name, module in self.regularizers.items():
-            missing = [i for i in module.inputs if i not in available and i not in extra]
+            missing = [i for i in _inputs_of(module) if i not in available and i not in extra]
             if missing:
                 raise TypeError(
                     f"regularizer {name!r} ({type(module).__name__}) needs "
@@ -284,7 +290,7 @@ class MixtureOfPromptsLoss(nn.Module):
             if not self.regularizer_weights[name]:
                 terms[name] = zero
                 continue
-            kwargs = {i: extra[i] if i in extra else available[i] for i in module.inputs}
+            kwargs = {i: extra[i] if i in extra else available[i] for i in _inputs_of(module)}
             terms[name] = module(**kwargs)
         return terms
 

@@ -1,7 +1,9 @@
 """The maths of promptmix as pure functions; the modules are thin, validated wrappers around them.
 
 One file per topic: `similarity` (cosines and class logits), `estep` (responsibilities and
-Sinkhorn), `entropy`, `diversity` and `schedule`. Shapes use `B` for the batch, `C` for classes,
+Sinkhorn), `entropy`, `diversity`, `schedule`, and the field's regularizers: `anchors`
+(KgCoOp/PromptSRC), `consistency` (zero-shot distillation), `text_to_text` (LASP) and
+`dispersion` (DAPT). Shapes use `B` for the batch, `C` for classes,
 `K` for sub-prompts per class and `D` for the embedding dimension. Every function accepts raw
 (unnormalised) features and normalises internally; a zero vector gives zeros and a zero gradient,
 never NaN, in every dtype.
@@ -22,6 +24,18 @@ from promptmix.functional._common import (
     ScheduleKind,
     connected_zero,
 )
+from promptmix.functional.anchors import (
+    ANCHOR_DISTANCES,
+    AnchorDistance,
+    anchor_distances,
+    prompt_anchor_loss,
+)
+from promptmix.functional.consistency import KL_REDUCTIONS, KLReduction, zero_shot_consistency
+from promptmix.functional.dispersion import (
+    class_prototypes,
+    dispersion_loss,
+    image_prototype_loss,
+)
 from promptmix.functional.diversity import diversity_loss
 from promptmix.functional.entropy import assignment_entropy, class_mean_responsibilities, entropy
 from promptmix.functional.estep import (
@@ -37,19 +51,27 @@ from promptmix.functional.similarity import (
     pairwise_cosine,
     subprompt_similarities,
 )
+from promptmix.functional.text_to_text import text_to_text_loss
 
 __all__ = [
+    "anchor_distances",
     "assignment_entropy",
     "class_logits",
     "class_mean_responsibilities",
+    "class_prototypes",
     "connected_zero",
+    "dispersion_loss",
     "diversity_loss",
     "entropy",
+    "image_prototype_loss",
     "own_class_similarities",
     "pairwise_cosine",
+    "prompt_anchor_loss",
     "responsibilities",
     "responsibilities_from_similarities",
     "sinkhorn",
     "subprompt_similarities",
     "temperature_at",
+    "text_to_text_loss",
+    "zero_shot_consistency",
 ]
