@@ -210,7 +210,7 @@ def detect_collapse(
         effective = torch.nanmean(effective_subprompts(usage)).item()
     classes = sorted(reasons)
     mean_cosine = cosine.mean().item()
-    summary = f"mean sub-prompt |cos| {mean_cosine:.3f}" + (
+    summary = f"mean sub-prompt cosine (absolute) {mean_cosine:.3f}" + (
         f", dominant share {share:.3f}, effective sub-prompts {effective:.2f}"
         if share is not None
         else ""
