@@ -142,3 +142,13 @@ def test_prior_needs_sinkhorn_mode() -> None:
         SoftEMAssigner("soft").from_similarities(
             torch.rand(2, 2), torch.tensor([0, 0]), usage_prior=torch.full((1, 2), 0.5)
         )
+
+
+def test_tolerance_is_relative_to_small_targets() -> None:
+    # Two images per class and K = 4: each target is 0.5 image, below 1.
+    cosine, labels = clip_like("clip", 4, 2)
+    scores = cosine * 100 / 0.3
+    one_round = PF.sinkhorn(scores, labels, iterations=1, newton_steps=0)
+    assert usage_error(one_round, labels, None) > 0.01
+    gamma = PF.sinkhorn(scores, labels, iterations=2000, newton_steps=0, tol=0.01)
+    assert usage_error(gamma, labels, None) <= 0.01
