@@ -167,6 +167,10 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=None, help="test N mutants, not all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant")
+    parser.add_argument(
+        "--only", nargs="+", default=None, metavar="FILE:LINE",
+        help="only the mutants on these lines, e.g. estep.py:127 (to re-test survivors)",
+    )
     args = parser.parse_args()
     os.environ["HYPOTHESIS_PROFILE"] = "ci"
     os.environ.pop("CI", None)
@@ -178,7 +182,9 @@ def main() -> None:
 
     every = mutants()
     chosen = every
-    if args.sample is not None and args.sample < len(every):
+    if args.only:
+        chosen = [m for m in every if f"{m.path.name}:{m.line}" in args.only]
+    elif args.sample is not None and args.sample < len(every):
         chosen = sorted(random.Random(args.seed).sample(every, args.sample), key=every.index)
     print(f"{len(every)} mutants in promptmix.functional; testing {len(chosen)}", flush=True)
     results: dict[str, int] = {"killed": 0, "survived": 0, "timeout": 0}

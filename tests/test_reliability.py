@@ -319,3 +319,9 @@ def test_usage_buffer_follows_the_inputs_device() -> None:
     gamma = torch.full((2, 2), 0.5, device="meta")
     entropy(gamma, torch.tensor([0, 1], device="meta"))
     assert entropy.usage.device.type == "meta"
+
+
+def test_dimension_mismatch_message_names_both_dimensions() -> None:
+    match = "image_features has dim 5 and subprompt_features has dim 6"
+    with pytest.raises(ValueError, match=match):
+        PF.subprompt_similarities(torch.randn(8, 5), torch.randn(4, 3, 6))
