@@ -150,8 +150,57 @@ class TestDetectCollapse:
             "effective_subprompts",
             "collapsed_classes",
             "message",
+            "reasons",
         }
         assert json.loads(json.dumps(as_dict))["collapsed_classes"] == [0, 1]
+
+    # ------------------------------------------------------------------ cannot be fooled
+
+    @pytest.mark.parametrize(
+        ("features", "gamma", "labels", "match"),
+        [
+            (torch.full((2, 3, 4), float("nan")), None, None, "subprompt_features must be finite"),
+            (torch.zeros(2, 3, 4).index_fill(0, torch.tensor([1]), float("inf")), None, None,
+             r"class\(es\) \[1\]"),
+            (torch.randn(2, 3, 4), torch.full((2, 3), float("nan")), torch.tensor([0, 1]),
+             "responsibilities must be finite"),
+            (torch.randn(2, 3, 4), torch.empty(0, 3), torch.empty(0, dtype=torch.long),
+             "at least one row"),
+            (torch.randn(2, 3, 4), torch.full((2, 4), 0.25), torch.tensor([0, 1]),
+             r"shape \(batch, 3\)"),
+            (torch.randn(2, 3, 4), torch.tensor([[3.4, 0.0, 0.0], [1.0, 0.0, 0.0]]),
+             torch.tensor([0, 1]), "sum to 1"),
+            (torch.randn(2, 3, 4), torch.tensor([[1.5, -0.5, 0.0]] * 2), torch.tensor([0, 1]),
+             "non-negative"),
+            (torch.randn(3, 4), None, None, r"\(num_classes, K, dim\)"),
+            (torch.randn(0, 3, 4), None, None, "at least one class"),
+        ],
+    )
+    def test_invalid_input_is_not_reported_healthy(self, features, gamma, labels, match) -> None:
+        with pytest.raises(ValueError, match=match):
+            detect_collapse(features, gamma, labels)
+
+    def test_anti_parallel_subprompts_are_duplicates(self) -> None:
+        # DiversityLoss penalises |cos|; a mixture of t and -t is as collapsed as t and t.
+        t = torch.tensor([1.0, 2.0, 0.5])
+        features = torch.stack([t, -t]).unsqueeze(0)
+        assert diagnostics.mean_pairwise_cosine(features).item() == pytest.approx(1.0)
+        assert detect_collapse(features).collapsed
+
+    def test_message_names_the_criterion_per_class(self) -> None:
+        diverse = torch.eye(3).unsqueeze(0)
+        features = torch.cat([diverse, torch.ones(1, 3, 3), diverse])  # class 1: cosine
+        gamma = torch.tensor([[1.0, 0.0, 0.0]] * 2 + [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+        labels = torch.tensor([2, 2, 0, 0])  # class 2: one sub-prompt takes every image
+        report = detect_collapse(features, gamma, labels)
+        assert report.collapsed_classes == [1, 2]
+        assert report.reasons == {
+            1: ["mean |cos| 1.000 > 0.9"],
+            2: ["dominant share 1.000 > 0.9"],
+        }
+        assert "class 1: mean |cos| 1.000 > 0.9" in report.message
+        assert "class 2: dominant share 1.000 > 0.9" in report.message
+        assert "class 0" not in report.message
 
     @pytest.mark.parametrize(
         ("kwargs", "match"),

@@ -238,3 +238,17 @@ def test_property_finite_gradients_with_zero_vectors_and_half_precision(array, d
     loss = PF.diversity_loss(features)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(features.grad).all()
+
+
+def test_class_mask_selects_classes_and_is_validated() -> None:
+    features = torch.stack([torch.ones(3, 4), torch.eye(3, 4)])  # collapsed, then diverse
+    loss = DiversityLoss()
+    assert loss(features, torch.tensor([True, False])).item() == pytest.approx(1.0)
+    assert loss(features, torch.tensor([False, True])).item() == pytest.approx(0.0)
+    assert loss(features, torch.tensor([True, True])).item() == pytest.approx(0.5)
+    assert DiversityLoss(reduction="sum")(features, torch.tensor([True, True])).item() == 1.0
+    empty = loss(features, torch.tensor([False, False]))
+    assert empty.item() == 0.0
+    for bad in (torch.tensor([True]), torch.tensor([1, 0]), torch.tensor([[True, False]])):
+        with pytest.raises(ValueError, match="class_mask must be a bool tensor of shape"):
+            loss(features, bad)

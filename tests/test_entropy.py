@@ -91,7 +91,6 @@ class TestAssignmentEntropy:
             (torch.zeros(3, 0), None, ValueError, "responsibilities"),  # K < 1
             (torch.full((2, 2), 0.7), None, ValueError, "responsibilities.*sum to 1"),
             (torch.tensor([[1.5, -0.5]]), None, ValueError, "responsibilities.*non-negative"),
-            (torch.tensor([[float("nan"), 1.0]]), None, ValueError, "responsibilities.*finite"),
             (torch.full((2, 2), 0.5), torch.tensor([0.0, 1.0]), TypeError, "labels"),
             (torch.full((2, 2), 0.5), torch.tensor([True, False]), TypeError, "labels"),
             (torch.full((2, 2), 0.5), torch.tensor([0, 1, 1]), ValueError, "labels"),
@@ -101,6 +100,12 @@ class TestAssignmentEntropy:
     def test_bad_inputs(self, mode, responsibilities, labels, error, match) -> None:
         with pytest.raises(error, match=match):
             AssignmentEntropy(mode)(responsibilities, labels)
+
+    @pytest.mark.parametrize("mode", MODES)
+    def test_nan_responsibilities_give_nan_not_an_error_about_them(self, mode) -> None:
+        # NaN comes from upstream (NaN features): it propagates, per docs/reliability.md.
+        value = AssignmentEntropy(mode)(torch.tensor([[float("nan"), 1.0], [0.5, 0.5]]))
+        assert torch.isnan(value)
 
     def test_labels_out_of_range_with_a_usage_buffer(self) -> None:
         with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
@@ -142,16 +147,32 @@ class TestAssignmentEntropy:
         assert normalized == pytest.approx(marginal / math.log(2), rel=1e-6)
 
     def test_hand_computed_value_with_usage_prior(self) -> None:
-        # One image of class 1, gamma (0.8, 0.2), prior (0.2, 0.8) worth 2 images:
-        # blended mean = (1 * (0.8, 0.2) + 2 * (0.2, 0.8)) / 3 = (0.4, 0.6).
+        # One image of class 1, gamma (0.7, 0.2, 0.1), prior (0.1, 0.3, 0.6) worth 2 images:
+        # blended mean = (1 * gamma + 2 * prior) / 3 = (0.3, 0.8/3, 1.3/3). Asymmetric in K = 3,
+        # so swapping the weights n/(n+n0) and n0/(n+n0) gives another entropy.
         value = PF.assignment_entropy(
-            torch.tensor([[0.8, 0.2]]),
+            torch.tensor([[0.7, 0.2, 0.1]], dtype=torch.float64),
             torch.tensor([1]),
             mode="marginal",
-            usage_prior=torch.tensor([[0.5, 0.5], [0.2, 0.8]]),
+            usage_prior=torch.tensor([[1 / 3] * 3, [0.1, 0.3, 0.6]], dtype=torch.float64),
             prior_count=2.0,
         )
-        assert value.item() == pytest.approx(h(0.4, 0.6), rel=1e-6)
+        expected = h(0.3, 0.8 / 3, 1.3 / 3)
+        swapped = h(1.5 / 3, 0.7 / 3, 0.8 / 3)
+        assert abs(expected - swapped) > 0.03
+        assert value.item() == pytest.approx(expected, rel=1e-9)
+
+    def test_usage_prior_without_labels_is_the_mean_row(self) -> None:
+        # labels=None: one class whose prior is the mean of the rows (0.5, 0.3, 0.2), not row 0.
+        prior = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.55, 0.35]], dtype=torch.float64)
+        value = PF.assignment_entropy(
+            torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64),
+            mode="marginal",
+            usage_prior=prior,
+            prior_count=1.0,
+        )
+        assert value.item() == pytest.approx(h(0.75, 0.15, 0.1), rel=1e-9)
+        assert h(0.75, 0.15, 0.1) != pytest.approx(h(0.95, 0.025, 0.025), rel=1e-2)
 
     def test_uniform_and_one_hot(self) -> None:
         k = 5

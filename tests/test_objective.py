@@ -228,9 +228,17 @@ class TestMixtureOfPromptsLoss:
         # Class 0's sub-prompts have cosine 0.6, class 1's 0.6: diversity = 0.36 (both present).
         out = make_loss(assigner_scale=5.0, tau=0.5)(IMAGES, PROMPTS, LABELS)
         assert out["diversity"].item() == pytest.approx(0.36, rel=1e-6)
-        # Only class 0 present: its pair alone.
-        only0 = MixtureOfPromptsLoss(diversity_weight=0.1)(IMAGES[:1], PROMPTS, LABELS[:1])
+        # The diversity term sees only the classes in the batch. With class 1's pair at cosine
+        # 0.8 instead (squared 0.64), each class alone gives its own pair, both the mean 0.5.
+        prompts = PROMPTS.clone()
+        prompts[1, 1] = torch.tensor([0.0, 0.8, 0.6])
+        loss_fn = MixtureOfPromptsLoss(diversity_weight=0.1)
+        only0 = loss_fn(IMAGES[:1], prompts, LABELS[:1])
         assert only0["diversity"].item() == pytest.approx(0.36, rel=1e-6)
+        only1 = loss_fn(IMAGES[1:], prompts, LABELS[1:])
+        assert only1["diversity"].item() == pytest.approx(0.64, rel=1e-6)
+        both = loss_fn(IMAGES, prompts, LABELS)
+        assert both["diversity"].item() == pytest.approx(0.5, rel=1e-6)
         # Image 0 = (1, 0.2, 0)/|.|, its class-0 cosines: (1/n, (0.6 + 0.16)/n) with n = |x|.
         n = math.sqrt(1.04)
         cos = torch.tensor([1 / n, 0.76 / n])

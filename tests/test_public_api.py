@@ -80,7 +80,7 @@ CONSTRUCTORS = {
     "SoftEMAssigner": [
         ("mode", "soft"),
         ("scale", 100.0),
-        ("sinkhorn_iterations", 3),
+        ("sinkhorn_iterations", 20),
         ("sync_distributed", False),
     ],
     "TemperatureSchedule": [
@@ -231,7 +231,14 @@ def test_forward_signatures() -> None:
     ]
     assert forward["logit_scale"].default == 100.0 and forward["tau"].default is None
     assigner = inspect.signature(promptmix.SoftEMAssigner.forward).parameters
-    assert list(assigner) == ["self", "image_features", "subprompt_features", "labels", "tau"]
+    assert list(assigner) == [
+        "self",
+        "image_features",
+        "subprompt_features",
+        "labels",
+        "tau",
+        "usage_prior",
+    ]
     assert assigner["labels"].default is None and assigner["tau"].default == 1.0
     entropy = inspect.signature(promptmix.AssignmentEntropy.forward).parameters
     assert list(entropy) == ["self", "responsibilities", "labels"]

@@ -29,13 +29,17 @@ class SoftEMAssigner(nn.Module):
     Args:
         mode: `"soft"`, `"hard"` or `"sinkhorn"`.
         scale: similarity scale `s > 0`.
-        sinkhorn_iterations: normalisation rounds for `"sinkhorn"`, `>= 1`.
+        sinkhorn_iterations: rounds of the log-domain Sinkhorn for `"sinkhorn"`, `>= 1`; the
+            default brings every class's usage within 1 % of its target in the cases of
+            `benchmarks/sinkhorn_iterations.py`.
         sync_distributed: balance `"sinkhorn"` over the global batch of all DDP processes.
 
     Shape:
         - image_features: `(batch, dim)`.
         - subprompt_features: `(num_classes, K, dim)` with `labels` `(batch,)`, or
           `(batch, K, dim)` already gathered per image with `labels=None`.
+        - usage_prior (optional, `"sinkhorn"`): `(num_classes, K)` target usage per class
+          (simplex rows), e.g. a running usage estimate; uniform when `None`.
         - output: `(batch, K)`, non-negative rows that sum to 1.
 
     Examples:
@@ -54,7 +58,7 @@ class SoftEMAssigner(nn.Module):
         mode: PF.AssignmentMode = "soft",
         *,
         scale: float = 100.0,
-        sinkhorn_iterations: int = 3,
+        sinkhorn_iterations: int = PF.DEFAULT_SINKHORN_ITERATIONS,
         sync_distributed: bool = False,
     ):
         super().__init__()
@@ -71,24 +75,42 @@ class SoftEMAssigner(nn.Module):
         subprompt_features: Tensor,
         labels: Tensor | None = None,
         tau: float = 1.0,
+        *,
+        usage_prior: Tensor | None = None,
     ) -> Tensor:
         """Responsibilities `(batch, K)`; see the class docstring for shapes."""
         similarities = PF.own_class_similarities(image_features, subprompt_features, labels)
-        return self.from_similarities(similarities, labels, tau=tau)
+        return self.from_similarities(similarities, labels, tau=tau, usage_prior=usage_prior)
 
     def from_similarities(
-        self, similarities: Tensor, labels: Tensor | None = None, *, tau: float = 1.0
+        self,
+        similarities: Tensor,
+        labels: Tensor | None = None,
+        *,
+        tau: float = 1.0,
+        usage_prior: Tensor | None = None,
     ) -> Tensor:
         """Responsibilities from precomputed own-class cosines `(batch, K)`."""
+        if usage_prior is not None and self.mode != "sinkhorn":
+            raise ValueError(
+                f'usage_prior is used by mode="sinkhorn" only, but this assigner\'s mode is '
+                f"{self.mode!r}."
+            )
         if self.mode == "sinkhorn" and self.sync_distributed and distributed.is_distributed():
             local_batch = similarities.shape[0]
             all_similarities = distributed.gather_no_grad(similarities.detach())
             all_labels = None if labels is None else distributed.gather_no_grad(labels)
-            balanced = self._assign(all_similarities, all_labels, tau)
+            balanced = self._assign(all_similarities, all_labels, tau, usage_prior)
             return distributed.local_slice(balanced, local_batch)
-        return self._assign(similarities, labels, tau)
+        return self._assign(similarities, labels, tau, usage_prior)
 
-    def _assign(self, similarities: Tensor, labels: Tensor | None, tau: float) -> Tensor:
+    def _assign(
+        self,
+        similarities: Tensor,
+        labels: Tensor | None,
+        tau: float,
+        usage_prior: Tensor | None,
+    ) -> Tensor:
         return PF.responsibilities_from_similarities(
             similarities,
             labels,
@@ -96,6 +118,7 @@ class SoftEMAssigner(nn.Module):
             scale=self.scale,
             mode=self.mode,
             sinkhorn_iterations=self.sinkhorn_iterations,
+            usage_prior=usage_prior,
         )
 
     def extra_repr(self) -> str:

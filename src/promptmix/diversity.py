@@ -48,10 +48,18 @@ class DiversityLoss(nn.Module):
             "reduction", reduction, PF.REDUCTIONS
         )
 
-    def forward(self, subprompt_features: Tensor) -> Tensor:
-        """Diversity loss of `subprompt_features` `(num_classes, K, dim)`."""
+    def forward(self, subprompt_features: Tensor, class_mask: Tensor | None = None) -> Tensor:
+        """Diversity loss of `subprompt_features` `(num_classes, K, dim)`.
+
+        `class_mask` `(num_classes,)` bool selects the classes penalised (see
+        `promptmix.functional.diversity_loss`).
+        """
         return PF.diversity_loss(
-            subprompt_features, power=self.power, margin=self.margin, reduction=self.reduction
+            subprompt_features,
+            power=self.power,
+            margin=self.margin,
+            reduction=self.reduction,
+            class_mask=class_mask,
         )
 
     def extra_repr(self) -> str:

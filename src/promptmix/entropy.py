@@ -90,6 +90,8 @@ class AssignmentEntropy(nn.Module):
             responsibilities = distributed.gather_with_grad(responsibilities)
             labels = None if labels is None else distributed.gather_no_grad(labels)
         use_prior = self.usage is not None and labels is not None
+        if use_prior:
+            self._follow(responsibilities)
         value = PF.assignment_entropy(
             responsibilities,
             labels,
@@ -102,12 +104,27 @@ class AssignmentEntropy(nn.Module):
             self._update_usage(responsibilities.detach(), labels)  # type: ignore[arg-type]
         return value
 
+    def _follow(self, responsibilities: Tensor) -> None:
+        """Move the usage buffer to the device of the inputs (and a floating dtype at least as
+        wide as theirs), so a loss built on the CPU works on CUDA input without `.to(device)`."""
+        assert self.usage is not None
+        dtype = torch.promote_types(self.usage.dtype, responsibilities.dtype)
+        if self.usage.device != responsibilities.device or self.usage.dtype != dtype:
+            self.usage = self.usage.to(device=responsibilities.device, dtype=dtype)
+
     @torch.no_grad()
     def _update_usage(self, responsibilities: Tensor, labels: Tensor) -> None:
+        """EMA of each present class's mean assignment, on the device: no host sync."""
         assert self.usage is not None
-        classes, means, _ = PF.class_mean_responsibilities(responsibilities, labels)
-        current = self.usage[classes]
-        self.usage[classes] = self.momentum * current + (1 - self.momentum) * means.to(current)
+        usage = self.usage
+        num_classes = usage.shape[0]
+        labels = labels.long().clamp(0, num_classes - 1)
+        rows = responsibilities.to(usage.dtype)
+        sums = usage.new_zeros(usage.shape).index_add(0, labels, rows)
+        counts = usage.new_zeros(num_classes).index_add(0, labels, usage.new_ones(len(labels)))
+        means = sums / counts.clamp_min(1).unsqueeze(1)
+        updated = self.momentum * usage + (1 - self.momentum) * means
+        usage.copy_(torch.where((counts > 0).unsqueeze(1), updated, usage))
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, normalize={self.normalize}, prior_count={self.prior_count}"

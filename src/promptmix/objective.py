@@ -11,7 +11,15 @@ from torch import Tensor, nn
 
 from promptmix import distributed
 from promptmix import functional as PF
-from promptmix._validation import check_choice, check_labels, check_positive
+from promptmix._validation import (
+    check_choice,
+    check_labels,
+    check_positive,
+    clamp_labels,
+    labels_out_of_range,
+    nan_where,
+    reads_host,
+)
 from promptmix.assignment import SoftEMAssigner
 from promptmix.diversity import DiversityLoss
 from promptmix.entropy import AssignmentEntropy
@@ -313,14 +321,21 @@ class MixtureOfPromptsLoss(nn.Module):
         """
         tau = self.current_tau() if tau is None else check_positive("tau", tau)
         similarities = PF.subprompt_similarities(image_features, subprompt_features)
-        check_labels("labels", labels, image_features.shape[0], subprompt_features.shape[0])
+        num_classes = subprompt_features.shape[0]
+        # `long` whatever integer dtype came in; the range is checked on the host only where
+        # that is free (CPU), elsewhere a bad label makes the loss NaN (no device-to-host sync).
+        labels = check_labels("labels", labels, image_features.shape[0], num_classes)
+        invalid = None if reads_host(labels) else labels_out_of_range(labels, num_classes)
+        if invalid is not None:
+            labels = clamp_labels(labels, num_classes)
         zero = PF.connected_zero(image_features, subprompt_features)
         batch = similarities.shape[0]
         own = similarities[torch.arange(batch, device=labels.device), labels]  # (batch, K)
+        if invalid is not None:
+            own = nan_where(invalid.unsqueeze(1), own)
 
         logits = self._class_logits(similarities, logit_scale, tau)
-        # `.long()`: cross_entropy rejects int32 targets that every other step accepts.
-        ce = F.cross_entropy(logits, labels.long()) if batch else zero
+        ce = F.cross_entropy(logits, labels) if batch else zero
 
         targets = self.assigner.from_similarities(own.detach(), labels, tau=tau)
         mixture = zero
@@ -332,7 +347,11 @@ class MixtureOfPromptsLoss(nn.Module):
             # Under DDP every process penalises the classes of the *global* batch, so a run on N
             # processes matches one process with the same total batch.
             batch_labels = distributed.gather_no_grad(labels) if self.sync_distributed else labels
-            diversity = self.diversity(subprompt_features[torch.unique(batch_labels)])
+            # A mask of the classes present, not `subprompt_features[unique(labels)]`: fixed
+            # shapes, so no device-to-host sync.
+            present = torch.zeros(num_classes, dtype=torch.bool, device=labels.device)
+            present = present.index_fill(0, batch_labels, True)
+            diversity = self.diversity(subprompt_features, present)
 
         entropy = zero
         if self.entropy_weight and self.assigner.mode != "hard":
@@ -355,6 +374,8 @@ class MixtureOfPromptsLoss(nn.Module):
         )
         for name, term in extra_terms.items():
             loss = loss + self.regularizer_weights[name] * term
+        if invalid is not None:
+            loss = nan_where(invalid.any(), loss)
         return {
             "loss": loss,
             "ce": ce,

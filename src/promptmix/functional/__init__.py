@@ -39,6 +39,7 @@ from promptmix.functional.dispersion import (
 from promptmix.functional.diversity import diversity_loss
 from promptmix.functional.entropy import assignment_entropy, class_mean_responsibilities, entropy
 from promptmix.functional.estep import (
+    DEFAULT_SINKHORN_ITERATIONS,
     responsibilities,
     responsibilities_from_similarities,
     sinkhorn,

@@ -14,8 +14,19 @@ from promptmix._validation import (
     check_rank,
     check_simplex,
     check_subprompts,
+    clamp_labels,
+    labels_out_of_range,
+    nan_where,
+    reads_host,
 )
-from promptmix.functional._common import ENTROPY_MODES, EntropyMode, connected_zero
+from promptmix.functional._common import (
+    ENTROPY_MODES,
+    EntropyMode,
+    _dense_groups,
+    _group_sums,
+    connected_zero,
+)
+from promptmix.functional.estep import check_usage_prior
 
 
 def entropy(probabilities: Tensor, dim: int = -1) -> Tensor:
@@ -45,6 +56,9 @@ def class_mean_responsibilities(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Mean responsibility of each class present in the batch.
 
+    For reports and diagnostics: the number of classes present is data-dependent, so on CUDA
+    this reads it on the host (`torch.unique`). The training step uses no such function.
+
     Args:
         responsibilities: `(batch, K)`.
         labels: `(batch,)` integer classes, or `None` for a single class `0`.
@@ -60,31 +74,56 @@ def class_mean_responsibilities(
         (tensor([1, 3]), tensor([[1.0000, 0.0000],
                 [0.5000, 0.5000]]), tensor([1., 2.]))
     """
+    check_rank("responsibilities", responsibilities, (2,), "(batch, K)")
     if labels is None:
         labels = torch.zeros(
             len(responsibilities), dtype=torch.long, device=responsibilities.device
         )
+    else:
+        labels = check_labels("labels", labels, len(responsibilities), None)
     classes, groups = torch.unique(labels, return_inverse=True)
-    sums = responsibilities.new_zeros(len(classes), responsibilities.shape[1])
-    sums = sums.index_add(0, groups, responsibilities)
-    counts = torch.bincount(groups, minlength=len(classes)).to(responsibilities.dtype)
+    sums = _group_sums(responsibilities, groups, len(classes))
+    counts = _group_sums(responsibilities.new_ones(len(labels)), groups, len(classes))
     return classes, sums / counts.unsqueeze(1), counts
 
 
-def _blended_class_means(
+def _class_terms(
     responsibilities: Tensor,
     labels: Tensor | None,
     usage_prior: Tensor | None,
     prior_count: float,
-) -> Tensor:
-    """Per class in the batch, `(sum_b gamma_b + n0 * u_c) / (n_c + n0)`: `(num_present, K)`."""
-    classes, means, counts = class_mean_responsibilities(responsibilities, labels)
-    if usage_prior is None or prior_count == 0:
-        return means
-    prior = usage_prior.detach().to(means.dtype)
-    prior = prior[classes] if labels is not None else prior.mean(dim=0, keepdim=True)
-    weight = (counts / (counts + prior_count)).unsqueeze(1)
-    return weight * means + (1 - weight) * prior
+    per_row: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    r"""Per group of equal labels, with no host sync: `(present, blended_means, row_means)`.
+
+    `present` `(G,)` marks the groups that hold rows (`G = batch`, or 1 without labels);
+    `blended_means` `(G, K)` is $(\sum_b \gamma_b + n_0 u_c) / (n_c + n_0)$ (the plain mean
+    without a prior) and `row_means` `(G,)` the per-group mean of `per_row` `(batch,)`.
+    """
+    batch = responsibilities.shape[0]
+    groups = _dense_groups(labels, batch, responsibilities.device)
+    num_groups = batch if labels is not None else 1
+    counts = _group_sums(responsibilities.new_ones(batch), groups, num_groups)
+    denominator = counts.clamp_min(1)
+    means = _group_sums(responsibilities, groups, num_groups) / denominator.unsqueeze(1)
+    if usage_prior is not None and prior_count > 0:
+        rows = usage_prior.detach().to(means.dtype)
+        if labels is None:
+            prior = rows.mean(dim=0, keepdim=True)
+        else:
+            prior = _group_sums(rows[labels], groups, num_groups) / denominator.unsqueeze(1)
+        weight = (counts / (counts + prior_count)).unsqueeze(1)
+        means = weight * means + (1 - weight) * prior
+    row_means = None
+    if per_row is not None:
+        row_means = _group_sums(per_row, groups, num_groups) / denominator
+    return counts > 0, means, row_means
+
+
+def _mean_over_present(values: Tensor, present: Tensor) -> Tensor:
+    """Mean of `values` `(G,)` over the present groups."""
+    weights = present.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1)
 
 
 def assignment_entropy(
@@ -136,30 +175,30 @@ def assignment_entropy(
     batch, k = responsibilities.shape
     num_classes = None
     if usage_prior is not None:
-        check_rank("usage_prior", usage_prior, (2,), "(num_classes, K)")
-        if usage_prior.shape[1] != k:
-            raise ValueError(
-                f"usage_prior must have shape (num_classes, {k}) to match responsibilities "
-                f"but has shape {tuple(usage_prior.shape)}."
-            )
+        usage_prior = check_usage_prior(usage_prior, k, "responsibilities")
         num_classes = usage_prior.shape[0]
     if labels is not None:
-        check_labels("labels", labels, batch, num_classes)
+        labels = check_labels("labels", labels, batch, num_classes)
+        if num_classes is not None and not reads_host(labels):
+            invalid = labels_out_of_range(labels, num_classes)
+            responsibilities = nan_where(invalid.unsqueeze(1), responsibilities)
+            labels = clamp_labels(labels, num_classes)
     check_positive("prior_count", prior_count, allow_zero=True)
-    check_simplex("responsibilities", responsibilities)
+    responsibilities = check_simplex("responsibilities", responsibilities)
     if batch == 0 or k == 1:
         return connected_zero(responsibilities)
 
-    value = responsibilities.new_zeros(())
-    if mode in ("marginal", "mutual_information"):
-        class_means = _blended_class_means(responsibilities, labels, usage_prior, prior_count)
-        value = value + entropy(class_means).mean()
     if mode == "sample":
-        value = value + entropy(responsibilities).mean()
-    if mode == "mutual_information":
-        # Per class, I(image; sub-prompt) = H(mean gamma) - mean H(gamma_b) >= 0 (Jensen); the
-        # sample entropies are averaged within each class, as the marginal ones are.
-        sample = entropy(responsibilities).unsqueeze(1)
-        value = value - class_mean_responsibilities(sample, labels)[1].mean()
+        value = entropy(responsibilities).mean()
+    else:
+        sample = entropy(responsibilities) if mode == "mutual_information" else None
+        present, class_means, sample_means = _class_terms(
+            responsibilities, labels, usage_prior, prior_count, sample
+        )
+        per_class = entropy(class_means)
+        if sample_means is not None:
+            # Per class, I(image; sub-prompt) = H(mean gamma) - mean H(gamma_b) >= 0 (Jensen);
+            # the sample entropies are averaged within each class, as the marginal ones are.
+            per_class = per_class - sample_means
+        value = _mean_over_present(per_class, present)
     return value / math.log(k) if normalize else value
-

@@ -11,9 +11,15 @@ from torch import Tensor
 from promptmix._validation import (
     check_choice,
     check_labels,
+    check_logit_scale,
     check_positive,
     check_rank,
+    check_score_range,
     check_subprompts,
+    clamp_labels,
+    labels_out_of_range,
+    nan_where,
+    reads_host,
 )
 from promptmix.functional._common import AGGREGATIONS, SUBPROMPT_SHAPE, Aggregation, _unit
 
@@ -70,10 +76,12 @@ def own_class_similarities(
         labels: `(batch,)` integer class of each image, or `None`.
 
     Returns:
-        `(batch, K)`.
+        `(batch, K)`; a row is NaN where its features hold NaN or inf, or (on tensors whose
+        values are not read on the host, see `docs/reliability.md`) its label is out of range.
     """
     _check_features(image_features, subprompt_features)
     batch = image_features.shape[0]
+    invalid: Tensor | None = None
     if labels is None:
         if subprompt_features.shape[0] != batch:
             raise ValueError(
@@ -83,11 +91,18 @@ def own_class_similarities(
             )
         gathered = subprompt_features
     else:
-        check_labels("labels", labels, batch, subprompt_features.shape[0])
+        num_classes = subprompt_features.shape[0]
+        labels = check_labels("labels", labels, batch, num_classes)
+        invalid = None if reads_host(labels) else labels_out_of_range(labels, num_classes)
+        if invalid is not None:
+            labels = clamp_labels(labels, num_classes)
         gathered = subprompt_features[labels]
     images = _unit(image_features)
     prompts = _unit(gathered).to(images.dtype)
-    return einsum(images, prompts, "b d, b k d -> b k")
+    similarities = einsum(images, prompts, "b d, b k d -> b k")
+    if invalid is not None:
+        similarities = nan_where(invalid.unsqueeze(1), similarities)
+    return similarities
 
 
 def _check_features(image_features: Tensor, subprompt_features: Tensor) -> None:
@@ -125,7 +140,9 @@ def class_logits(
 
     Args:
         similarities: `(batch, num_classes, K)` cosines from `subprompt_similarities`.
-        logit_scale: `s`, a positive float or a 0-dim tensor (e.g. CLIP's `logit_scale.exp()`).
+        logit_scale: `s`, a positive float or a tensor of shape `()` or `(1,)` (e.g. CLIP's
+            `logit_scale.exp()`), finite and positive: checked where its value can be read on
+            the host for free (CPU), NaN logits otherwise.
         aggregation: `"logsumexp"`, `"max"`, `"mean"` or `"responsibility"`.
         tau: temperature of the `"responsibility"` weights.
         assigner_scale: similarity scale of the `"responsibility"` weights.
@@ -143,8 +160,7 @@ def class_logits(
     check_rank("similarities", similarities, (3,), "(batch, num_classes, K)")
     check_subprompts("similarities", similarities, -1)
     check_choice("aggregation", aggregation, AGGREGATIONS)
-    if not isinstance(logit_scale, Tensor):
-        check_positive("logit_scale", logit_scale)
+    logit_scale = check_logit_scale(logit_scale)
     scaled = similarities * logit_scale
     if aggregation == "logsumexp":
         return torch.logsumexp(scaled, dim=-1) - math.log(similarities.shape[-1])
@@ -153,6 +169,8 @@ def class_logits(
     if aggregation == "mean":
         return scaled.mean(dim=-1)
     check_positive("tau", tau)
-    weights = torch.softmax(similarities.detach() * (assigner_scale / tau), dim=-1)
+    check_positive("assigner_scale", assigner_scale)
+    ratio = check_score_range(tau, assigner_scale)
+    weights = torch.softmax(similarities.detach().float() * ratio, dim=-1).to(scaled.dtype)
     return (weights * scaled).sum(dim=-1)
 
