@@ -217,6 +217,8 @@ class MixtureOfPrompts(nn.Module):
 
     token_ids: Tensor
     pool_positions: Tensor
+    order: Tensor
+    inverse: Tensor
 
     def __init__(
         self,
@@ -372,6 +374,7 @@ class MixtureOfPrompts(nn.Module):
             )
         dtype = compute_dtype(self._tower, device)
         ids = _check_class_ids(class_ids, self.num_classes)
+        inverse: Tensor | None
         if ids is None:
             order, inverse, chunks = self.order, self.inverse, self._plan(device, dtype)
         else:
