@@ -1,11 +1,16 @@
 """The demo's world: a synthetic Stanford Cars in the devkit layout and a tiny CLIP that sees it.
 
-Every class has its own colour and two looks (bright with horizontal stripes, dark with vertical
-ones), so a class needs two sub-prompts. A random-init CLIP cannot tell the looks apart, so the
-demo first pre-trains the tiny CLIP for a few seconds, contrastively, on synthetic images with
-captions that name their class and look (:func:`pretrain_tiny_clip`), as CLIP's own pre-training
-taught it what real cars look like. The demo then trains the mixture twice, uncured and with
-promptmix's defaults (:data:`DEMO_RUNS`).
+Two classes share each colour, and every class has two looks, bright and dark, one with
+horizontal stripes and one with vertical ones: the even class of a colour has horizontal stripes
+when bright, the odd class when dark (:func:`appearance`). Neither colour, brightness nor stripes
+alone tells the two classes of a colour apart, only a whole look does, so a class needs one
+sub-prompt per look: one prompt per class, or a mixture collapsed onto one, confuses them.
+
+A random-init CLIP sees none of this, so the demo first pre-trains the tiny CLIP for a few
+seconds, contrastively, on synthetic images captioned with their colour, brightness and stripes
+(:func:`pretrain_tiny_clip`), as CLIP's own pre-training taught it what colours and shapes look
+like; the captions never name the demo's car models. The demo then trains the mixture twice,
+uncured and with promptmix's defaults (:func:`demo_runs`).
 """
 
 from __future__ import annotations
@@ -30,8 +35,18 @@ import promptmix
 
 logger = logging.getLogger(__name__)
 
-#: How each look is named in the pre-training captions (index = the look of ``synthetic_image``).
-LOOKS = ("bright, with horizontal stripes", "dark, with vertical stripes")
+#: How the two looks of a class are named in the pre-training captions (index = ``look``).
+BRIGHTNESS = ("bright", "dark")
+STRIPES = ("horizontal", "vertical")
+
+#: Stripe amplitude, in 8-bit pixel values, added on top of the colour.
+STRIPE_CONTRAST = 70.0
+
+#: Colour words for the pre-training captions, at hues ``i / len(COLOURS)``.
+COLOURS = (
+    "red", "orange", "yellow", "lime", "green", "teal",
+    "cyan", "azure", "blue", "violet", "magenta", "pink",
+)
 
 _MAKES = ("Aurora", "Bexley", "Corvan", "Dunmore", "Elstar", "Fenwick", "Galt", "Harlow")
 _BODIES = ("Sedan", "Coupe", "SUV", "Convertible", "Hatchback", "Wagon", "Minivan", "Cab")
@@ -56,22 +71,55 @@ def synthetic_classnames(num_classes: int) -> list[str]:
     ]
 
 
-def synthetic_image(
-    label: int, mode: int, num_classes: int, rng: np.random.Generator
+def num_colours(num_classes: int) -> int:
+    """How many colours the classes share: two classes per colour."""
+    return (num_classes + 1) // 2
+
+
+def appearance(label: int, look: int) -> tuple[int, int, int]:
+    """The ``(colour, brightness, stripes)`` indices of look ``look`` (0 or 1) of class ``label``.
+
+    Classes ``2j`` and ``2j + 1`` share colour ``j``. Look 0 is bright, look 1 dark; the even
+    class has horizontal stripes on its bright look and vertical ones on its dark look, the odd
+    class the other way round. So neither the colour, nor the brightness, nor the stripes alone
+    tell the two classes of a colour apart: only a look as a whole does.
+    """
+    return label // 2, look, look ^ (label % 2)
+
+
+def appearance_image(
+    colour: int, brightness: int, stripes: int, num_colours: int, rng: np.random.Generator
 ) -> Image.Image:
-    """A ``48x40`` image: the class's hue; mode 0 bright with horizontal stripes, mode 1 dark
-    with vertical ones (two "looks" of one class for the sub-prompts to split); shifted, noisy."""
+    """A ``48x40`` image: hue ``colour / num_colours``, bright (0) or dark (1), horizontal (0)
+    or vertical (1) stripes; shifted, noisy."""
     height, width = 40, 48
-    brightness = 0.95 if mode == 0 else 0.45
-    red, green, blue = colorsys.hsv_to_rgb(label / num_classes, 0.8, brightness)
+    value = 0.95 if brightness == 0 else 0.45
+    red, green, blue = colorsys.hsv_to_rgb(colour / num_colours, 0.8, value)
     pixels = np.empty((height, width, 3), dtype=np.float32)
     pixels[:] = (red * 255, green * 255, blue * 255)
     shift = int(rng.integers(0, 8))
-    coordinate = np.arange(height if mode == 0 else width) + shift
-    stripes = ((coordinate // 4) % 2 == 0).astype(np.float32) * 70.0
-    pixels += -stripes[:, None, None] if mode == 0 else stripes[None, :, None]
+    coordinate = np.arange(height if stripes == 0 else width) + shift
+    # Dark stripes on a bright car, light ones on a dark car.
+    sign = -1.0 if brightness == 0 else 1.0
+    band = ((coordinate // 4) % 2 == 0).astype(np.float32) * STRIPE_CONTRAST * sign
+    pixels += band[:, None, None] if stripes == 0 else band[None, :, None]
     pixels += rng.normal(0.0, 10.0, size=pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def synthetic_image(
+    label: int, look: int, num_classes: int, rng: np.random.Generator
+) -> Image.Image:
+    """An image of look ``look`` (0 or 1) of class ``label`` (see :func:`appearance`)."""
+    return appearance_image(*appearance(label, look), num_colours(num_classes), rng)
+
+
+def caption(colour: int, brightness: int, stripes: int, num_colours: int) -> str:
+    """The pre-training caption of an appearance: ``"a photo of a dark red car, with ..."``."""
+    word = COLOURS[round(colour / num_colours * len(COLOURS)) % len(COLOURS)]
+    return (
+        f"a photo of a {BRIGHTNESS[brightness]} {word} car, with {STRIPES[stripes]} stripes."
+    )
 
 
 def _write_split(
@@ -103,7 +151,7 @@ def write_synthetic_cars(
     *,
     num_classes: int = 8,
     train_per_class: int = 8,
-    test_per_class: int = 4,
+    test_per_class: int = 10,
     seed: int = 0,
     classnames: Sequence[str] | None = None,
 ) -> list[str]:
@@ -111,6 +159,7 @@ def write_synthetic_cars(
 
     Writes ``cars_train/``, ``cars_test/``, ``devkit/cars_meta.mat``,
     ``devkit/cars_train_annos.mat`` and ``cars_test_annos_withlabels.mat`` under ``root``.
+    A class's images alternate between its two looks (:func:`synthetic_image`).
 
     Args:
         classnames: the class names (default: :func:`synthetic_classnames`); sets ``num_classes``.
@@ -144,9 +193,9 @@ def write_synthetic_cars(
 
 def pretrain_tiny_clip(
     path: str | Path,
-    classnames: Sequence[str],
+    num_classes: int,
     *,
-    steps: int = 30,
+    steps: int = 150,
     images_per_look: int = 16,
     batch_size: int = 64,
     lr: float = 1e-3,
@@ -155,10 +204,12 @@ def pretrain_tiny_clip(
 ) -> Path:
     """Pre-train :func:`tiny_clip` contrastively on captioned synthetic images; save its weights.
 
-    Each image of class ``c`` and look ``m`` is captioned ``"a photo of a <name c>, <LOOKS[m]>."``
-    and the image tower learns to pick its caption among all of them (CLIP's image-to-text
-    contrastive loss, with both towers trained), so the image features of the two looks of a
-    class end up apart. The images are drawn afresh (seed ``seed + 1000``), not the dataset's.
+    Every appearance (colour, brightness, stripes) of the demo's world gets ``images_per_look``
+    images captioned with what they show (:func:`caption`, e.g. ``"a photo of a dark red car,
+    with vertical stripes."``), and the image tower learns to pick its caption among all of them
+    (CLIP's image-to-text contrastive loss, with both towers trained). The captions never name
+    a class: like CLIP, the tiny model learns colours and stripes, not the demo's car models.
+    The images are drawn afresh (seed ``seed + 1000``), not the dataset's.
 
     Returns:
         ``path``, a state-dict file for ``model.clip_name=tiny-random model.pretrained=PATH``.
@@ -171,15 +222,21 @@ def pretrain_tiny_clip(
     transform = open_clip.image_transform(
         preprocess["size"], is_train=False, mean=preprocess.get("mean"), std=preprocess.get("std")
     )
-    num_classes = len(classnames)
-    images, captions = [], []
-    for label in range(num_classes):
-        for look in range(len(LOOKS)):
-            for _ in range(images_per_look):
-                images.append(transform(synthetic_image(label, look, num_classes, generator)))
-                captions.append(label * len(LOOKS) + look)
-    pixels, targets = torch.stack(images).to(device), torch.tensor(captions, device=device)
-    texts = [f"a photo of a {name}, {look}." for name in classnames for look in LOOKS]
+    colours = num_colours(num_classes)
+    appearances = [
+        (colour, brightness, stripes)
+        for colour in range(colours)
+        for brightness in range(len(BRIGHTNESS))
+        for stripes in range(len(STRIPES))
+    ]
+    images, targets_list = [], []
+    for index, look in enumerate(appearances):
+        for _ in range(images_per_look):
+            images.append(transform(appearance_image(*look, colours, generator)))
+            targets_list.append(index)
+    pixels = torch.stack(images).to(device)
+    targets = torch.tensor(targets_list, device=device)
+    texts = [caption(*look, colours) for look in appearances]
     tokens = open_clip.get_tokenizer(TINY_TOKENIZER)(texts).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sampler = torch.Generator().manual_seed(seed)
@@ -196,14 +253,30 @@ def pretrain_tiny_clip(
         image_features = F.normalize(model.encode_image(pixels), dim=-1)
         text_features = F.normalize(model.encode_text(tokens), dim=-1)
         picked = (image_features @ text_features.T).argmax(dim=-1)
+        centroids = F.normalize(
+            torch.stack([image_features[targets == index].mean(0) for index in range(len(texts))]),
+            dim=-1,
+        )
+        index = {look: position for position, look in enumerate(appearances)}
+        look_cosines = torch.stack(
+            [
+                centroids[index[appearance(label, 0)]] @ centroids[index[appearance(label, 1)]]
+                for label in range(num_classes)
+            ]
+        )
     accuracy = 100.0 * (picked == targets).float().mean().item()
     logger.info(
-        "pre-trained the tiny CLIP contrastively: %d steps on %d captioned synthetic images in "
-        "%.1fs; it now picks the right caption (class and look) for %.0f%% of them",
+        "pre-trained the tiny CLIP contrastively: %d steps on %d synthetic images captioned "
+        "with their colour, brightness and stripes (%d captions, no class names) in %.1fs; it "
+        "now picks the right caption for %.0f%% of them, and the two looks of a class have "
+        "image-feature centroids at cosine %.2f on average (at most %.2f)",
         steps,
         len(pixels),
+        len(texts),
         time.perf_counter() - start,
         accuracy,
+        look_cosines.mean().item(),
+        look_cosines.max().item(),
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -229,7 +229,7 @@ def run_demo(
                 with _logging(0, output / "demo.log"), _docs_log(docs_dir, folder, output):
                     logger.info("demo: synthetic Stanford Cars (devkit layout) in %s", folder)
                     weights = pretrain_tiny_clip(
-                        output / "tiny_clip.pt", classnames, device=runtime.device
+                        output / "tiny_clip.pt", len(classnames), device=runtime.device
                     )
                     return _demo_runs(config, overrides, folder, output, weights, runtime, docs_dir)
             finally:

@@ -209,6 +209,21 @@ def test_config_defaults_are_the_library_defaults() -> None:
         assert cars_config.OmegaConf.select(cfg, key) == value, key
 
 
+def test_demo_classes_of_one_colour_differ_only_by_whole_looks() -> None:
+    """Classes 2j and 2j+1 share colour j; no single trait but a whole look tells them apart."""
+    for colour in range(4):
+        even, odd = (
+            {cars_demo.appearance(2 * colour + parity, look) for look in (0, 1)}
+            for parity in (0, 1)
+        )
+        assert {look[0] for look in even | odd} == {colour}
+        assert not even & odd  # no look shared
+        for trait in (1, 2):  # brightness, stripes: each value in both classes
+            assert {look[trait] for look in even} == {look[trait] for look in odd} == {0, 1}
+    looks = {cars_demo.appearance(label, look) for label in range(8) for look in (0, 1)}
+    assert len({cars_demo.caption(*look, 4) for look in looks}) == len(looks) == 16
+
+
 def test_demo_compares_uncured_and_defaults_and_writes_the_docs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -226,6 +241,7 @@ def test_demo_compares_uncured_and_defaults_and_writes_the_docs(
     assert defaults.model.entropy_loss_weight == loss.entropy_weight  # read from the library
     uncured = cars_config.load_config(tmp_path / "out" / "uncured" / "config.yaml")
     assert (uncured.model.em_tau_end, uncured.model.entropy_loss_weight) == (0.05, 0.0)
+    assert (uncured.model.init, defaults.model.init) == ("text", "kmeans")
     log = (docs / "demo.log").read_text()
     assert "pre-trained the tiny CLIP contrastively" in log and "/tmp/promptmix_cars_demo_…" in log
     assert "INFO root" not in log  # library chatter filtered out
