@@ -128,11 +128,6 @@ class TestMixtureOfPromptsLoss:
             1.0,
             10.0,
         )
-        explicit_none = MixtureOfPromptsLoss(
-            diversity_weight=None, entropy_weight=None, mixture_weight=None
-        )
-        assert explicit_none.diversity_weight == 0.0 and explicit_none.entropy_weight == 1.0
-        assert explicit_none.mixture_weight == 10.0
         off = MixtureOfPromptsLoss(diversity_weight=0, entropy_weight=0.0, mixture_weight=0)
         assert (off.diversity_weight, off.entropy_weight, off.mixture_weight) == (0.0, 0.0, 0.0)
 

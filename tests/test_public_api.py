@@ -91,9 +91,9 @@ CONSTRUCTORS = {
         ("warmup_steps", 0),
     ],
     "MixtureOfPromptsLoss": [
-        ("diversity_weight", None),
-        ("entropy_weight", None),
-        ("mixture_weight", None),
+        ("diversity_weight", 0.0),
+        ("entropy_weight", 1.0),
+        ("mixture_weight", 10.0),
         ("aggregation", "logsumexp"),
         ("tau", 0.3),
         ("assigner", None),

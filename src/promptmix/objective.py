@@ -25,23 +25,18 @@ from promptmix.diversity import DiversityLoss
 from promptmix.entropy import AssignmentEntropy
 from promptmix.schedule import TemperatureSchedule
 
-# Chosen on the benchmark suite (benchmarks/suite.py, docs/tuning.md): a strong EM pull keeps
-# each sub-prompt on the images it explains; the marginal entropy keeps sub-prompts in use when
-# they start at the class text feature; the diversity term (no margin) pushes sub-prompts below
-# the cosine that a class's true looks have, so it is off.
-DEFAULT_DIVERSITY_WEIGHT = 0.0
-DEFAULT_ENTROPY_WEIGHT = 1.0
+# The loss's default weights were chosen on the benchmark suite (benchmarks/suite.py,
+# docs/tuning.md): a strong EM pull keeps each sub-prompt on the images it explains; the
+# marginal entropy keeps sub-prompts in use when they start at the class text feature; the
+# diversity term (no margin) pushes sub-prompts below the cosine that a class's true looks
+# have, so it is off.
 DEFAULT_ENTROPY_MODE: PF.EntropyMode = "marginal"
-DEFAULT_MIXTURE_WEIGHT = 10.0
 
 #: The keys of the loss's output dict; an extra regularizer's name may not be one of them.
 OUTPUT_KEYS = ("loss", "ce", "mixture", "diversity", "entropy", "tau", "logits", "responsibilities")
 #: What the loss itself hands to a regularizer that names it in its `inputs`.
 BUILTIN_INPUTS = ("image_features", "subprompt_features", "labels", "logits")
 
-
-def _weight(name: str, value: float | None, default: float) -> float:
-    return default if value is None else check_positive(name, value, allow_zero=True)
 
 
 def _check_sync(name: str, part: nn.Module, sync_distributed: bool) -> None:
@@ -121,8 +116,8 @@ class MixtureOfPromptsLoss(nn.Module):
 
     The parts are configured modules, passed in as pytorch-metric-learning's losses take reducers:
     `assigner=SoftEMAssigner(...)`, `entropy=AssignmentEntropy(...)`,
-    `diversity=DiversityLoss(...)`. A weight left as `None` takes its default (diversity 0,
-    entropy 1, mixture 10); a weight of 0 switches its term off (it is reported as a
+    `diversity=DiversityLoss(...)`. The default weights (mixture 10, entropy 1, diversity 0) come
+    from `benchmarks/suite.py`; a weight of 0 switches its term off (it is reported as a
     graph-connected zero and not computed). The evidence for the defaults is in `docs/tuning.md`.
 
     **Extra regularizers.** `regularizers={"anchor": (PromptAnchor(), 8.0)}` adds
@@ -185,9 +180,9 @@ class MixtureOfPromptsLoss(nn.Module):
     def __init__(
         self,
         *,
-        diversity_weight: float | None = None,
-        entropy_weight: float | None = None,
-        mixture_weight: float | None = None,
+        diversity_weight: float = 0.0,
+        entropy_weight: float = 1.0,
+        mixture_weight: float = 10.0,
         aggregation: PF.Aggregation = "logsumexp",
         tau: float | TemperatureSchedule = 0.3,
         assigner: SoftEMAssigner | None = None,
@@ -197,11 +192,11 @@ class MixtureOfPromptsLoss(nn.Module):
         sync_distributed: bool = False,
     ):
         super().__init__()
-        self.diversity_weight = _weight(
-            "diversity_weight", diversity_weight, DEFAULT_DIVERSITY_WEIGHT
+        self.diversity_weight = check_positive(
+            "diversity_weight", diversity_weight, allow_zero=True
         )
-        self.entropy_weight = _weight("entropy_weight", entropy_weight, DEFAULT_ENTROPY_WEIGHT)
-        self.mixture_weight = _weight("mixture_weight", mixture_weight, DEFAULT_MIXTURE_WEIGHT)
+        self.entropy_weight = check_positive("entropy_weight", entropy_weight, allow_zero=True)
+        self.mixture_weight = check_positive("mixture_weight", mixture_weight, allow_zero=True)
         self.aggregation: PF.Aggregation = check_choice(  # type: ignore[assignment]
             "aggregation", aggregation, PF.AGGREGATIONS
         )
