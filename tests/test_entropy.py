@@ -379,3 +379,11 @@ def test_property_finite_gradients_in_half_precision(data, mode, dtype) -> None:
     value = PF.assignment_entropy(logits.softmax(-1), labels, mode=mode)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
+
+
+def test_wrong_k_names_the_constructor_argument() -> None:
+    """The message names `n_subprompts`, what the user wrote, not the internal usage buffer."""
+    entropy = AssignmentEntropy("marginal", num_classes=4, n_subprompts=3)
+    with pytest.raises(ValueError, match=r"K=2 .* n_subprompts=3") as error:
+        entropy(torch.full((5, 2), 0.5), torch.zeros(5, dtype=torch.long))
+    assert "usage" not in str(error.value)

@@ -91,6 +91,7 @@ class AssignmentEntropy(nn.Module):
             labels = None if labels is None else distributed.gather_no_grad(labels)
         use_prior = self.usage is not None and labels is not None
         if use_prior:
+            self._check_subprompts(responsibilities)
             self._follow(responsibilities)
         value = PF.assignment_entropy(
             responsibilities,
@@ -103,6 +104,16 @@ class AssignmentEntropy(nn.Module):
         if use_prior and self.training and len(responsibilities):
             self._update_usage(responsibilities.detach(), labels)  # type: ignore[arg-type]
         return value
+
+    def _check_subprompts(self, responsibilities: Tensor) -> None:
+        """Name the constructor's `n_subprompts` when the input has another K."""
+        assert self.usage is not None
+        k, expected = responsibilities.shape[-1], self.usage.shape[1]
+        if responsibilities.dim() == 2 and k != expected:
+            raise ValueError(
+                f"responsibilities have K={k} sub-prompts but this AssignmentEntropy was built "
+                f"with n_subprompts={expected}; build it with n_subprompts={k}."
+            )
 
     def _follow(self, responsibilities: Tensor) -> None:
         """Move the usage buffer to the device of the inputs (and a floating dtype at least as
