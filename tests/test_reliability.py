@@ -325,3 +325,37 @@ def test_dimension_mismatch_message_names_both_dimensions() -> None:
     match = "image_features has dim 5 and subprompt_features has dim 6"
     with pytest.raises(ValueError, match=match):
         PF.subprompt_similarities(torch.randn(8, 5), torch.randn(4, 3, 6))
+
+
+def test_whole_default_training_step_makes_no_host_sync(request) -> None:
+    """Learner forward, the scheduled loss with its defaults, backward and the optimizer step.
+
+    Construction may read host values (it runs once); the guard starts with the first step.
+    """
+    import open_clip
+
+    from promptmix import MixtureOfPrompts, TemperatureSchedule
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=32),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1),
+    ).requires_grad_(False)
+    classnames = ["cat", "red panda", "sedan"]
+    learner = MixtureOfPrompts(
+        model, open_clip.get_tokenizer("ViT-B-32"), classnames, n_subprompts=2
+    )
+    loss_fn = MixtureOfPromptsLoss(
+        entropy=AssignmentEntropy("marginal", num_classes=3, n_subprompts=2),
+        tau=TemperatureSchedule(total_steps=4),
+    )
+    optimizer = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.1)
+    images, labels = torch.randn(6, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    request.getfixturevalue("no_host_sync")
+    for _ in range(2):
+        optimizer.zero_grad()
+        out = loss_fn(images, learner(), labels)
+        out["loss"].backward()
+        optimizer.step()
+        loss_fn.schedule.step()
