@@ -42,6 +42,12 @@ TESTS = [
     "tests/test_diagnostics.py",
     "tests/test_objective.py",
     "tests/test_schedule.py",
+    "tests/test_kmeans.py",
+    "tests/test_usage.py",
+    "tests/test_anchor.py",
+    "tests/test_consistency.py",
+    "tests/test_text_to_text.py",
+    "tests/test_dispersion.py",
 ]
 
 SWAPS: dict[type, type] = {
