@@ -164,3 +164,18 @@ def test_revived_sub_prompt_takes_assignments() -> None:
 
 def test_reviver_state_dict_holds_the_usage() -> None:
     assert list(SubpromptReviver(2, 3).state_dict()) == ["usage"]
+
+
+def test_revived_split_has_the_documented_default_size() -> None:
+    """The split is +-epsilon with epsilon of std `noise_std` (0.01 by default) times the RMS
+    of the busiest sub-prompt's entries, so the two halves differ by about 2 * 0.01 * RMS."""
+    dim = 4096
+    busy = torch.randn(dim, generator=torch.Generator().manual_seed(0)) * 3.0
+    params = torch.stack([busy, torch.zeros(dim)]).unsqueeze(0)  # (1 class, K=2, dim)
+    new, revived = PF.revive_dead_subprompts(
+        params, torch.tensor([[1.0, 0.0]]), generator=torch.Generator().manual_seed(1)
+    )
+    assert revived.tolist() == [[False, True]]
+    rms = busy.pow(2).mean().sqrt()
+    gap = (new[0, 0] - new[0, 1]).pow(2).mean().sqrt() / rms  # std of 2 * epsilon / RMS
+    assert gap.item() == pytest.approx(2 * 0.01, rel=0.1)
