@@ -105,10 +105,18 @@ class Recipe:
             n_subprompts=k,
         )
         diversity = DiversityLoss()
+        # A weight left as None keeps the loss's own default.
+        weights = {
+            name: value
+            for name, value in (
+                ("mixture_weight", self.mixture_weight),
+                ("diversity_weight", self.diversity_weight),
+                ("entropy_weight", self.entropy_weight),
+            )
+            if value is not None
+        }
         return MixtureOfPromptsLoss(
-            mixture_weight=self.mixture_weight,
-            diversity_weight=self.diversity_weight,
-            entropy_weight=self.entropy_weight,
+            **weights,
             tau=TemperatureSchedule(start, end, total_steps=steps),
             assigner=SoftEMAssigner(
                 self.assignment or assigner.mode,  # type: ignore[arg-type]
