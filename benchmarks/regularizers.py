@@ -153,7 +153,7 @@ def accuracy(world: World, learner: Learner | None, classes: Tensor, test) -> fl
 Method = tuple[str, str, Callable[[World], dict], str]
 
 
-def methods(world_args: argparse.Namespace) -> list[Method]:
+def methods() -> list[Method]:
     """(name, source and weight, regularizers factory, step kind)."""
     return [
         ("plain", "MixtureOfPromptsLoss defaults", lambda w: {}, "plain"),
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in range(args.seeds):
         world = make_world(args, seed)
         rows.setdefault("zero-shot (hand-crafted)", []).append(zero_shot(world, args, seed))
-        for method in methods(args):
+        for method in methods():
             sources[method[0]] = method[1]
             rows.setdefault(method[0], []).append(train(world, method, args, seed))
     elapsed = time.perf_counter() - start

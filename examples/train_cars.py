@@ -226,7 +226,7 @@ def run_demo(
             try:
                 if runtime.distributed:
                     raise ConfigError("--demo runs in one process: start it without torchrun.")
-                with _logging(0, output / "demo.log"), _docs_log(docs_dir, folder, output):
+                with _logging(0, output / "demo.log"), _docs_log(docs_dir, folder):
                     logger.info("demo: synthetic Stanford Cars (devkit layout) in %s", folder)
                     weights = pretrain_tiny_clip(
                         output / "tiny_clip.pt", len(classnames), device=runtime.device
@@ -314,7 +314,7 @@ class _DocsFormatter(logging.Formatter):
 
 
 @contextlib.contextmanager
-def _docs_log(docs_dir: Path | None, data_root: str, output: Path) -> Iterator[None]:
+def _docs_log(docs_dir: Path | None, data_root: str) -> Iterator[None]:
     """With ``docs_dir``: also log into ``docs_dir/demo.log`` (for the docs to include)."""
     if docs_dir is None:
         yield
