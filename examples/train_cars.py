@@ -1,336 +1,474 @@
-"""Few-shot Stanford Cars with a mixture of prompts per class (promptmix's public API).
+"""Few-shot Stanford Cars with a mixture of prompts per class: the whole method, top to bottom.
 
-Run it::
+    python examples/train_cars.py --demo     # a tour in a minute: synthetic cars, a tiny CLIP
+    python examples/train_cars.py --config examples/configs/stanford_cars.yaml --data-root PATH
+    torchrun --nproc_per_node=4 examples/train_cars.py --config ... --data-root PATH
+    python examples/train_cars.py --config RUN/config.yaml --resume      # continue a run
+    python examples/train_cars.py --evaluate RUN/checkpoints/last.pt data.subsample_classes=new
 
-    # a tour in under a minute on a synthetic dataset and a tiny CLIP, no download: the
-    # uncured mixture and promptmix's defaults side by side
-    python examples/train_cars.py --demo
-    # ... and write its log, table and pictures into the docs (docs/cars.md includes them)
-    python examples/train_cars.py --demo --write-docs docs/cars
-
-    # the real thing (Stanford Cars on local disk, open_clip weights in the cache or a file):
-    python examples/train_cars.py --config examples/configs/stanford_cars.yaml \\
-        --data-root /data/stanford_cars model.n_subprompts=4 train.shots=16
-
-    # several GPUs: the same command under torchrun
-    torchrun --nproc_per_node=4 examples/train_cars.py --config ... --data-root ...
-
-    # continue an interrupted run (from OUTPUT_DIR/checkpoints/last.pt)
-    python examples/train_cars.py --config ... --data-root ... --resume
-
-    # evaluate learned prompts without training, e.g. base-to-new's new classes
-    python examples/train_cars.py --config ... --data-root ... \\
-        --evaluate BASE_RUN/checkpoints/last.pt data.subsample_classes=new
-
-The protocols of the field (few-shot grid, base-to-new) run with ``examples/cars_grid.py``.
-
-Settings are in ``examples/configs/default.yaml`` (every key, documented); trailing ``key=value``
-arguments override them. A run writes ``config.yaml``, ``train.log``, ``metrics.jsonl``,
-``checkpoints/last.pt`` and ``plots/*.png`` under ``output.output_dir``.
+The file follows the method: settings, data, CLIP and the learner, initialisation, the loss, the
+training loop, evaluation and checkpoints. Every call into promptmix is here; what the script
+leans on (dataset layouts, files, pictures, the demo's world) is in ``examples/cars/``. A setting
+left ``null`` is promptmix's own default (``examples/configs/default.yaml`` lists every key).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
+import functools
+import json
 import logging
-import shutil
+import math
+import os
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from cars_config import ConfigError, load_config
-from cars_data import DatasetNotFoundError
-from cars_demo import demo_runs, pretrain_tiny_clip, results_table, write_synthetic_cars
-from cars_distributed import Runtime, setup_runtime, teardown
-from cars_engine import NonFiniteLossError
-from cars_plots import compare_galleries
-from cars_run import Run, run_paths
-from omegaconf import DictConfig
-from tqdm.contrib.logging import logging_redirect_tqdm
+import torch.nn.functional as F
+from cars import Stopped, UsageError, demo, distributed, files, plots
+from cars.clip import (
+    Clip,
+    ImageEncoder,
+    autocast,
+    autocast_dtype,
+    encode_images,
+    load_clip,
+    text_features,
+)
+from cars.config import RANDOM_CONTEXT, check_resumable, differences, load, parse_args, to_yaml
+from cars.data import load_few_shot
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+import promptmix
 
 logger = logging.getLogger("train_cars")
-
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-EXIT_OK, EXIT_NONFINITE, EXIT_USAGE = 0, 1, 2
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line: flags, then ``key=value`` config overrides."""
-    parser = argparse.ArgumentParser(
-        description="Train a mixture of prompts on few-shot Stanford Cars.",
-        epilog="Example overrides: model.n_subprompts=4 train.epochs=2 train.shots=8",
-    )
-    parser.add_argument("--config", type=Path, help="YAML config (default: configs/default.yaml)")
-    parser.add_argument("--data-root", type=Path, help="Stanford Cars folder (sets data.root)")
-    parser.add_argument("--output-dir", type=Path, help="where to write (output.output_dir)")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pt"
-    )
-    parser.add_argument(
-        "--resume-from", type=Path, metavar="CHECKPOINT", help="continue from this checkpoint file"
-    )
-    parser.add_argument(
-        "--evaluate",
-        type=Path,
-        metavar="CHECKPOINT",
-        help="evaluate the prompts of CHECKPOINT on this config's test classes, without training",
-    )
-    parser.add_argument(
-        "--demo",
-        action="store_true",
-        help="synthetic data and a tiny CLIP pre-trained on it: the uncured mixture and "
-        "promptmix's defaults side by side; no dataset, no download",
-    )
-    parser.add_argument(
-        "--write-docs",
-        type=Path,
-        metavar="DIR",
-        help="with --demo: write its log, table and pictures into DIR (docs/cars for the docs)",
-    )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    # Intermixed: overrides may come before, between or after the flags.
-    return parser.parse_intermixed_args(argv)
+EXIT_OK, EXIT_NONFINITE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+TERMS = ("loss", "ce", "mixture", "diversity", "entropy")  # the loss's scalars, as it names them
 
 
-@contextlib.contextmanager
-def _logging(rank: int, log_file: Path | None) -> Iterator[None]:
-    """Log to stderr (and ``train.log`` on the main process) for the duration of one run."""
-    root = logging.getLogger()
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file is not None and rank == 0:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
-    previous_level = root.level
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        handler.addFilter(_quiet_libraries)
-        root.addHandler(handler)
+def given(**options: Any) -> dict[str, Any]:
+    """The options that are set. One left ``null`` is not passed, so promptmix's default applies
+    (and a change of that default needs no edit here)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def command(*arguments: object) -> str:
+    """The command that runs this script with ``arguments``, as the user would type it."""
+    script = os.path.relpath(__file__)
+    script = __file__ if script.startswith("..") else script
+    return " ".join(["python", script, *map(str, arguments)])
+
+
+# --- CLIP's text side: the learner -------------------------------------------------------------
+
+
+def build_learner(cfg: DictConfig, clip: Clip, classnames: list[str]) -> nn.Module:
+    """K sub-prompts per class on the frozen text tower: CoOp contexts, or offsets of the text."""
+    m = cfg.model
+    options = given(n_subprompts=m.n_subprompts, ctx_init=m.ctx_init,
+                    init_noise_std=m.init_noise_std)
+    if m.ctx_init == RANDOM_CONTEXT:
+        options["ctx_init"] = None  # CoOp's random context
+    options["generator"] = torch.Generator().manual_seed(cfg.train.seed)
+    text = (clip.model, clip.tokenizer, classnames)
     try:
-        with logging_redirect_tqdm():
-            yield
-    finally:
-        for handler in handlers:
-            root.removeHandler(handler)
-            handler.close()
-        root.setLevel(previous_level)
-
-
-def _quiet_libraries(record: logging.LogRecord) -> bool:
-    """Drop the INFO chatter libraries send to the root logger (open_clip's tokenizer notes)."""
-    return record.name != "root" or record.levelno >= logging.WARNING
-
-
-def _resume_path(args: argparse.Namespace, cfg: DictConfig) -> Path | None:
-    """The checkpoint to resume from, checked before anything is loaded or encoded."""
-    if args.resume_from is not None:
-        path, flag = args.resume_from, f"--resume-from {args.resume_from}"
-    elif args.resume:
-        path, flag = run_paths(cfg)["checkpoint"], "--resume"
-    else:
-        return None
-    if not path.is_file():
-        raise ConfigError(
-            f"{flag}: there is no checkpoint {path} to continue from; leave out --resume to "
-            "start a new run, or pass --output-dir of the run to continue."
+        if m.learner == "offset":
+            return promptmix.OffsetMixtureOfPrompts(*text, **options)
+        return promptmix.MixtureOfPrompts(
+            *text, **options,
+            **given(n_ctx=m.n_ctx, class_specific=m.class_specific,
+                    gradient_checkpointing=m.gradient_checkpointing),
         )
-    return path
+    except (ValueError, TypeError) as error:  # e.g. n_ctx against the default ctx_init's tokens
+        raise UsageError(f"model ({m.learner} learner): {error}") from None
 
 
-def _check_flags(args: argparse.Namespace) -> None:
-    if args.evaluate is not None and (args.resume or args.resume_from is not None):
-        raise ConfigError("--evaluate trains nothing: leave out --resume and --resume-from.")
-    if args.evaluate is not None and not args.evaluate.is_file():
-        raise ConfigError(f"--evaluate {args.evaluate}: no such checkpoint file.")
-    if args.write_docs is not None and not args.demo:
-        raise ConfigError("--write-docs writes the demo's output: use it with --demo.")
-    if args.demo:
-        if args.data_root is not None:
-            raise ConfigError("--demo builds its own dataset: leave out --data-root.")
-        if args.resume or args.resume_from is not None or args.evaluate is not None:
-            raise ConfigError("--demo starts from scratch: leave out --resume and --evaluate.")
+# --- The loss ----------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``train_cars.py``; returns the exit status (0 done, 1 non-finite loss, 2 bad input)."""
-    args = parse_args(argv)
-    config = args.config or CONFIG_DIR / ("demo.yaml" if args.demo else "default.yaml")
-    try:
-        _check_flags(args)
-        if args.demo:
-            return run_demo(config, args.overrides, args.output_dir, args.write_docs)
-        extra = {
-            key: str(value)
-            for key, value in (
-                ("data.root", args.data_root),
-                ("output.output_dir", args.output_dir),
-            )
-            if value is not None
-        }
-        cfg = load_config(config, args.overrides, extra=extra)
-        if cfg.data.root is None:
-            raise ConfigError("Where is Stanford Cars? Pass --data-root PATH (or --demo).")
-        resume = _resume_path(args, cfg)
-        runtime = setup_runtime(cfg.train.device)
-        try:
-            with _logging(runtime.rank, run_paths(cfg)["root"] / "train.log"):
-                return _train(cfg, runtime, resume, args.evaluate)
-        finally:
-            teardown(runtime)
-    except (ConfigError, DatasetNotFoundError, FileNotFoundError) as error:
-        print(f"train_cars.py: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+def build_loss(cfg: DictConfig, clip: Clip, classnames: list[str], n_subprompts: int,
+               total_steps: int, *, sync: bool, regularize: bool = True,
+               ) -> promptmix.MixtureOfPromptsLoss:
+    """Cross-entropy + EM pull + diversity - entropy (+ the field's regularizers), tau annealed."""
+    m = cfg.model
+    tau = promptmix.TemperatureSchedule(
+        **given(start=m.em_tau_start, end=m.em_tau_end, kind=m.em_tau_schedule),
+        total_steps=total_steps)
+    assigner = None
+    if m.assignment is not None or m.sinkhorn_iterations is not None:
+        assigner = promptmix.SoftEMAssigner(
+            **given(mode=m.assignment, sinkhorn_iterations=m.sinkhorn_iterations),
+            sync_distributed=sync)
+    # A running usage estimate per class (docs/own_loop.md), in the loss's own mode unless set.
+    entropy = promptmix.AssignmentEntropy(
+        m.entropy_mode or promptmix.MixtureOfPromptsLoss().entropy.mode,
+        num_classes=len(classnames), n_subprompts=n_subprompts, sync_distributed=sync)
+    return promptmix.MixtureOfPromptsLoss(
+        **given(mixture_weight=m.mixture_loss_weight, diversity_weight=m.diversity_loss_weight,
+                entropy_weight=m.entropy_loss_weight, aggregation=m.aggregation,
+                assigner=assigner),
+        tau=tau, entropy=entropy, sync_distributed=sync,
+        regularizers=build_regularizers(cfg, clip, classnames) if regularize else None)
 
 
-def _train(
-    cfg: DictConfig, runtime: Runtime, resume: Path | None, evaluate: Path | None = None
-) -> int:
-    run = Run(cfg, runtime, resume=resume)
-    try:
-        if evaluate is not None:
-            run.evaluate_checkpoint(evaluate)
-            return EXIT_OK
-        run.train()
-        run.draw()
-    except NonFiniteLossError as error:
-        logger.error("%s", error)
-        return EXIT_NONFINITE
-    finally:
-        run.close()
-    return EXIT_OK
+def build_regularizers(cfg: DictConfig, clip: Clip, classnames: list[str]) -> dict[str, Any]:
+    """The field's regularizers whose weight is set, on CLIP's frozen hand-crafted prompts."""
+    m, terms = cfg.model, {}
+    if m.anchor_loss_weight or m.zero_shot_loss_weight or m.text_to_text_loss_weight:
+        templates = text_features(clip, classnames, list(m.hand_crafted_templates))
+        ensemble = F.normalize(templates.mean(0), dim=-1)
+    if m.anchor_loss_weight:  # KgCoOp, PromptSRC
+        terms["anchor"] = (promptmix.PromptAnchor(
+            **given(distance=m.anchor_distance), anchor_features=ensemble), m.anchor_loss_weight)
+    if m.zero_shot_loss_weight:  # PromptSRC, ProGrad
+        terms["zero_shot"] = (promptmix.ZeroShotConsistency(
+            **given(temperature=m.zero_shot_temperature, reduction=m.zero_shot_reduction),
+            zero_shot_text_features=ensemble, logit_scale=clip.logit_scale),
+            m.zero_shot_loss_weight)
+    if m.text_to_text_loss_weight:  # LASP
+        terms["text_to_text"] = (promptmix.TextToTextLoss(
+            logit_scale=clip.logit_scale, template_features=templates,
+            **given(aggregation=m.aggregation, noise_std=m.text_to_text_noise_std)),
+            m.text_to_text_loss_weight)
+    if m.dispersion_loss_weight:  # DAPT
+        terms["dispersion"] = (promptmix.InterClassDispersion(
+            **given(bandwidth=m.dispersion_bandwidth)), m.dispersion_loss_weight)
+    return terms
 
 
-def run_demo(
-    config: Path, overrides: Sequence[str], output_dir: Path | None, docs_dir: Path | None
-) -> int:
-    """``--demo``: pre-train the tiny CLIP, then train the uncured mixture and the defaults.
+def warmup_cosine(train: DictConfig, steps_per_epoch: int) -> Any:
+    """The learning rate's factor per step: linear warm-up from ``warmup_start_lr``, then a
+    cosine down to ``min_lr``."""
+    warmup, total = round(train.warmup_epochs * steps_per_epoch), train.epochs * steps_per_epoch
+    start, floor = train.warmup_start_lr / train.lr, train.min_lr / train.lr
 
-    Writes each run under ``OUTPUT_DIR/<run>/``, and ``OUTPUT_DIR/results.md`` (the table),
-    ``OUTPUT_DIR/galleries.png`` (both runs' galleries side by side) and ``OUTPUT_DIR/demo.log``;
-    with ``docs_dir`` also the log, the table and the pictures that ``docs/cars.md`` shows.
+    def factor(step: int) -> float:
+        if step < warmup:
+            return start + (1.0 - start) * step / warmup
+        progress = min((step - warmup) / max(1, total - warmup), 1.0)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# --- Evaluation and the collapse diagnostics ---------------------------------------------------
+
+
+@torch.no_grad()
+def subprompt_features(learner: nn.Module, device: torch.device, amp: Any) -> torch.Tensor:
+    """Unit sub-prompt features ``(num_classes, K, dim)`` in float32, without a graph."""
+    learner.eval()
+    with autocast(device, amp):
+        return F.normalize(learner().float(), dim=-1)
+
+
+@torch.no_grad()
+def evaluate(cfg: DictConfig, loss_fn: promptmix.MixtureOfPromptsLoss, logit_scale: float,
+             classnames: list[str], subprompts: torch.Tensor, features: torch.Tensor,
+             labels: torch.Tensor) -> dict[str, Any]:
+    """Top-1 accuracy of the mixture's classifier on ``features``, and the collapse diagnostics.
+
+    Usage is measured with the soft E-step at the current tau whatever the training E-step is,
+    so Sinkhorn's balancing cannot hide a sub-prompt that wins nothing.
     """
-    # The tiny model's ops are too small to gain from several threads; on a busy machine
-    # idle-spinning OpenMP threads make them many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    logits = [loss_fn.logits(x, subprompts, logit_scale=logit_scale) for x in features.split(1024)]
+    predictions = torch.cat(logits).argmax(dim=-1)
+    assigner = promptmix.SoftEMAssigner("soft", scale=loss_fn.assigner.scale)
+    responsibilities = assigner(features, subprompts, labels, tau=loss_fn.current_tau())
+    report = promptmix.detect_collapse(
+        subprompts, responsibilities, labels,
+        cosine_threshold=cfg.output.collapse_cosine_threshold,
+        share_threshold=cfg.output.collapse_share_threshold)
+    usage = promptmix.diagnostics.subprompt_usage(responsibilities, labels, len(subprompts))
+    share = promptmix.diagnostics.dominant_share(usage)
+    accuracy = 100.0 * (predictions == labels).float().mean().item()
+    return {"accuracy": accuracy, "report": report, "summary": files.summary(report),
+            "collapse": files.collapse_line(report, share, classnames), "class_share": share,
+            "predictions": predictions, "responsibilities": responsibilities}
+
+
+# --- Training ----------------------------------------------------------------------------------
+
+
+def train(cfg: DictConfig, runtime: distributed.Runtime, run_log: files.RunLog,
+          resume: Path | None = None, *, log_since: int = 0) -> dict[str, Any]:
+    """Train the prompts of ``cfg``; returns the final numbers. Nothing is written before every
+    setting, file and checkpoint has been checked."""
+    folder, t, device = files.RunFolder(cfg.output.output_dir), cfg.train, runtime.device
+    checkpoint = files.read_checkpoint(resume, "--resume") if resume else None
+    if checkpoint is None:
+        folder.check_new("--output-dir")
+    else:
+        check_resumable(checkpoint, cfg, resume)  # type: ignore[arg-type]
+        files.check_writable(folder.root, "--output-dir")
+    files.seed_everything(t.seed)
+
+    # Data: the few-shot training images and the test images.
+    data = load_few_shot(cfg.data.root, cfg.data.layout, cfg.data.split_file, shots=t.shots,
+                         seed=t.seed, which=cfg.data.subsample_classes)
+    plots.check_classes(cfg.output.plot_classes, len(data.classnames))
+    if checkpoint is not None and checkpoint["train_files"] != data.train_files():
+        raise UsageError(f"--resume {resume}: expected the few-shot images it was trained on, "
+                         "got others (another dataset folder or layout)")
+
+    # CLIP, frozen, and the learner: K sub-prompts per class. The images are encoded once.
+    clip = load_clip(cfg.model, device)
+    amp = autocast_dtype(t.precision, device)
+    learner = build_learner(cfg, clip, data.classnames).to(device)
+    logger.info("%s, K=%d sub-prompts per class; %s, %d process(es), autocast %s",
+                type(learner).__name__, learner.n_subprompts, device, runtime.world_size,
+                amp or "off (fp32)")
+    features = encode_images(ImageEncoder(clip, device, amp), data.train, data.test, t, runtime)
+    train_set = (features.train, features.train_labels)
+    test_set = (features.test, features.test_labels)
+
+    # Initialisation: promptmix's documented start, per-class k-means of the training images.
+    if checkpoint is None and cfg.model.init == "kmeans":
+        promptmix.initialize_from_kmeans(learner, *train_set,
+                                         generator=torch.Generator().manual_seed(t.seed))
+        logger.info("sub-prompts start at the per-class k-means centroids of the training images")
+
+    # Loss, optimiser, and the two schedules stepped every iteration: learning rate and tau.
+    batches = features.batches
+    total_steps = t.epochs * len(batches)
+    loss_fn = build_loss(cfg, clip, data.classnames, learner.n_subprompts, total_steps,
+                         sync=runtime.distributed).to(device)
+    parameters = [p for p in learner.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer = (
+        torch.optim.AdamW(parameters, lr=t.lr, weight_decay=t.weight_decay)
+        if t.optimizer == "adamw"
+        else torch.optim.SGD(parameters, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t, len(batches)))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    parts = {"objective": loss_fn, "optimizer": optimizer, "scheduler": lr_schedule,
+             "scaler": scaler}
+    if cfg.model.prompt_averaging:  # PromptSRC: a Gaussian-weighted average over the epochs
+        parts["prompt_average"] = promptmix.GaussianPromptAverage(learner, t.epochs, **given(
+            mean=cfg.model.prompt_averaging_mean, std=cfg.model.prompt_averaging_std))
+    checkpoints = files.Checkpoints(folder.checkpoint, learner, parts, runtime, {
+        "total_steps": total_steps, "config": OmegaConf.to_container(cfg),
+        "classnames": data.classnames, "train_files": data.train_files()})
+    epoch, step = checkpoints.restore(checkpoint, resume) if checkpoint else (0, 0)  # type: ignore
+
+    # Everything is checked: from here on the run writes into its folder.
+    score = functools.partial(evaluate, cfg, loss_fn, clip.logit_scale, data.classnames)
+    if runtime.is_main:
+        files.write_text(folder.config, to_yaml(cfg))
+        run_log.write_to(folder.log, since=log_since)
+    # A resumed run drops the records after its checkpoint, and writes them again identically.
+    kept = None if checkpoint is None else (step if epoch else -1)
+    metrics = files.MetricsLog(folder.metrics, resume_step=kept,
+                               tensorboard=folder.tensorboard if cfg.output.tensorboard else None,
+                               enabled=runtime.is_main)
+    if checkpoint is None:
+        checkpoints.save(0, 0)  # a run can be resumed from its very start
+    model = distributed.wrap(learner, runtime)
+    terms, first, start = (*TERMS, *loss_fn.regularizers), epoch + 1, None
     try:
-        with tempfile.TemporaryDirectory(prefix="promptmix_cars_demo_") as folder:
-            classnames = write_synthetic_cars(folder)
-            first = load_config(config, overrides, extra={"data.root": folder})
-            output = Path(output_dir or first.output.output_dir)
-            runtime = setup_runtime(first.train.device)
-            try:
-                if runtime.distributed:
-                    raise ConfigError("--demo runs in one process: start it without torchrun.")
-                with _logging(0, output / "demo.log"), _docs_log(docs_dir, folder):
-                    logger.info("demo: synthetic Stanford Cars (devkit layout) in %s", folder)
-                    weights = pretrain_tiny_clip(
-                        output / "tiny_clip.pt", len(classnames), device=runtime.device
-                    )
-                    return _demo_runs(config, overrides, folder, output, weights, runtime, docs_dir)
-            finally:
-                teardown(runtime)
+        if epoch == 0:  # the start, to see what training adds
+            subprompts = subprompt_features(learner, device, amp)
+            start = score(subprompts, *test_set)
+            logger.info("step 0, the start: test top-1 %.2f%%", start["accuracy"])
+            metrics.write({"event": "eval", "epoch": 0, "step": 0, "test_accuracy":
+                           start["accuracy"]} | score(subprompts, *train_set)["summary"])
+
+        # The loop: forward, loss, backward, optimiser and schedule steps; after each epoch the
+        # collapse diagnostics, the test accuracy and a checkpoint.
+        for epoch in range(first, t.epochs + 1):
+            model.train()
+            loss_fn.train()
+            seconds, totals = time.perf_counter(), torch.zeros(len(terms), device=device)
+            show = runtime.is_main and cfg.output.progress_bar
+            for image_features, labels in tqdm(batches.epoch(epoch), total=len(batches),
+                                               desc=f"epoch {epoch}", leave=False,
+                                               disable=None if show else True):
+                step += 1
+                tau, lr = loss_fn.current_tau(), optimizer.param_groups[0]["lr"]
+                with autocast(device, amp):
+                    subprompts = model()
+                out = loss_fn(image_features.float(), subprompts.float(), labels,
+                              logit_scale=clip.logit_scale)
+                values = torch.stack([out[name].detach().float() for name in terms])
+                distributed.check_finite(dict(zip(terms, values, strict=True)), epoch, step,
+                                         runtime, metrics.write)
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.model.prograd:  # ProGrad: the zero-shot KL steers the rest's direction
+                    rest = out["loss"] - loss_fn.regularizer_weights["zero_shot"] * out["zero_shot"]
+                    promptmix.prograd_backward(
+                        scaler.scale(rest), scaler.scale(out["zero_shot"]), parameters,
+                        **given(strength=cfg.model.prograd_strength))
+                else:
+                    scaler.scale(out["loss"]).backward()
+                if t.grad_clip_norm is not None:
+                    scaler.unscale_(optimizer)
+                    norm = torch.nn.utils.clip_grad_norm_(parameters, t.grad_clip_norm)
+                    if not scaler.is_enabled():  # fp16's scaler skips overflowing steps itself
+                        distributed.check_finite({"gradient norm": norm}, epoch, step, runtime,
+                                                 metrics.write)
+                scaler.step(optimizer)
+                scaler.update()
+                lr_schedule.step()
+                loss_fn.schedule.step()  # type: ignore[union-attr]
+                totals += values
+                if step == 1 or step % cfg.output.log_every == 0:
+                    averaged = distributed.all_reduce_mean(values, runtime).tolist()
+                    metrics.write({"event": "step", "epoch": epoch, "step": step, "lr": lr,
+                                   "tau": tau} | dict(zip(terms, averaged, strict=True)))
+            means = distributed.all_reduce_mean(totals / len(batches), runtime).tolist()
+            if "prompt_average" in parts:
+                parts["prompt_average"].update()
+            subprompts = subprompt_features(learner, device, amp)
+            on_train = score(subprompts, *train_set)
+            done = {"event": "epoch", "epoch": epoch, "step": step, "tau": loss_fn.current_tau()}
+            done |= {f"train_{term}": mean for term, mean in zip(terms, means, strict=True)}
+            done |= on_train["summary"] | {"train_accuracy": on_train["accuracy"]}
+            line = f"epoch {epoch}/{t.epochs}: loss {means[0]:.4f} (ce {means[1]:.4f})"
+            if epoch % t.eval_every == 0 or epoch == t.epochs:
+                done["test_accuracy"] = score(subprompts, *test_set)["accuracy"]
+                line += f", test top-1 {done['test_accuracy']:.2f}%"
+            logger.info("%s, tau %.3f [%.1fs]", line, done["tau"], time.perf_counter() - seconds)
+            logger.debug("epoch %d: %s", epoch, on_train["report"].message)
+            if learner.n_subprompts > 1 and on_train["collapse"]:  # K = 1 cannot collapse
+                logger.warning("epoch %d: %s", epoch, on_train["collapse"])
+            metrics.write(done)
+            checkpoints.save(epoch, step)
+
+        # The final prompts (PromptSRC's average, if asked): their evaluation and pictures.
+        if "prompt_average" in parts:
+            parts["prompt_average"].copy_to(learner)
+            checkpoints.save(epoch, step)
+        subprompts = subprompt_features(learner, device, amp)
+        final, on_train = score(subprompts, *test_set), score(subprompts, *train_set)
+        metrics.write({"event": "final", "epoch": epoch, "step": step, "test_accuracy":
+                       final["accuracy"], "prompt_average": "prompt_average" in parts}
+                      | on_train["summary"])
+        if runtime.is_main and cfg.output.plots:
+            plots.draw_all(cfg.output, folder, data, on_train["responsibilities"], subprompts)
+    except KeyboardInterrupt:
+        raise Stopped(f"interrupted at epoch {epoch}, step {step} (the checkpoint holds epoch "
+                      f"{checkpoints.saved[0]}, step {checkpoints.saved[1]}); resume with: "
+                      f"{command('--config', folder.config, '--resume')}", EXIT_INTERRUPTED,
+                      ) from None
     finally:
-        torch.set_num_threads(threads)
+        metrics.close()
+        run_log.stop(folder.log)
+    return {"folder": folder.root, "start": start, "final": final, "train": on_train,
+            "data": data, "test_labels": features.test_labels}
 
 
-def _demo_runs(
-    config: Path,
-    overrides: Sequence[str],
-    data_root: str,
-    output: Path,
-    weights: Path,
-    runtime: Runtime,
-    docs_dir: Path | None,
-) -> int:
-    results: dict[str, dict] = {}
-    runs: dict[str, Run] = {}
-    for name, settings in demo_runs().items():
-        logger.info("demo run '%s': %s", name, " ".join(f"{k}={v}" for k, v in settings.items()))
-        cfg = load_config(
-            config,
-            [*(f"{key}={value}" for key, value in settings.items()), *overrides],
-            extra={
-                "data.root": data_root,
-                "output.output_dir": str(output / name),
-                "model.pretrained": str(weights),
-            },
-        )
-        run = Run(cfg, runtime)
+# --- Evaluating a checkpoint ---------------------------------------------------------------------
+
+
+def evaluate_checkpoint(args: Any, run_log: files.RunLog) -> dict[str, Any]:
+    """``--evaluate``: the prompts of a checkpoint on the test classes of its settings (or of
+    ``--config``'s), into a folder of its own. The checkpoint is read first, and nothing of
+    training is done: no k-means start, no training image encoded."""
+    checkpoint_path = args.evaluate
+    checkpoint = files.read_checkpoint(checkpoint_path, "--evaluate")
+    cfg = load(args.config, args.overrides, flags=args.flags,
+               base=None if args.config else checkpoint["config"])
+    changed = differences(checkpoint["config"], cfg, only=("model.",))
+    if changed:
+        raise UsageError(f"--evaluate {checkpoint_path}: expected the model settings it was "
+                         f"trained with, got other ones ({'; '.join(changed)})")
+    folder = files.evaluation_folder(checkpoint_path, cfg.data.subsample_classes, args.output_dir)
+    with distributed.session(cfg.train.device) as runtime:
+        device = runtime.device
+        data = load_few_shot(cfg.data.root, cfg.data.layout, cfg.data.split_file,
+                             shots=cfg.train.shots, seed=cfg.train.seed,
+                             which=cfg.data.subsample_classes)
+        clip = load_clip(cfg.model, device)
+        learner = build_learner(cfg, clip, data.classnames).to(device)
+        if checkpoint["classnames"] != data.classnames and getattr(learner, "class_specific", 1):
+            raise UsageError(
+                f"--evaluate {checkpoint_path}: expected prompts that carry over to other "
+                f"classes, got one set per class ({len(checkpoint['classnames'])} classes); "
+                "train with model.learner=mixture model.class_specific=false for base-to-new")
+        files.load_trainable_state_dict(learner, checkpoint["learner"], checkpoint_path)
+        loss_fn = build_loss(cfg, clip, data.classnames, learner.n_subprompts,
+                             checkpoint["total_steps"], sync=False, regularize=False).to(device)
+        # The temperature the training ended at (its usage estimate belongs to its classes).
+        schedule = {k: v for k, v in checkpoint["objective"].items() if k.startswith("schedule.")}
+        loss_fn.load_state_dict(schedule, strict=False)
+        amp = autocast_dtype(cfg.train.precision, device)
+        features = ImageEncoder(clip, device, amp).encode(
+            data.test, runtime, batch_size=cfg.train.encode_batch_size,
+            num_workers=cfg.train.num_workers)
+        labels = torch.tensor([sample.label for sample in data.test], device=device)
+        result = evaluate(cfg, loss_fn, clip.logit_scale, data.classnames,
+                          subprompt_features(learner, device, amp), features, labels)
+        logger.info("prompts of %s on the %s classes (%d): %s", checkpoint_path,
+                    cfg.data.subsample_classes, len(data.classnames), result["report"].message)
+        numbers = {"checkpoint": str(checkpoint_path), "epoch": checkpoint["epoch"],
+                   "classes": cfg.data.subsample_classes, "num_classes": len(data.classnames),
+                   "folder": str(folder), "test_accuracy": result["accuracy"],
+                   "diagnostics": "on the test images"} | result["summary"]
+        if runtime.is_main:
+            files.write_text(folder / "config.yaml", to_yaml(cfg))
+            files.write_text(folder / "eval.json", json.dumps(numbers, indent=2) + "\n")
+            run_log.write_to(folder / "eval.log")
+    return numbers
+
+
+# --- The demo and the command line ---------------------------------------------------------------
+
+
+def run_demo(args: Any, run_log: files.RunLog) -> None:
+    """``--demo``: its world (``cars/demo.py``), then each row's recipe trained by :func:`train`."""
+    world = demo.World(args.output_dir, args.config, args.overrides)  # checked, nothing written
+    with distributed.session(world.device) as runtime, demo.one_thread():
+        if runtime.distributed:
+            raise UsageError("--demo: expected one process, got a torchrun job")
+        world.build(run_log)  # the synthetic cars and the tiny CLIP, under the demo's folder
+        results = {}
+        for name, cfg in world.rows.items():
+            logger.info("demo row '%s': %s", name, world.recipes[name])
+            results[name] = train(cfg, runtime, run_log, log_since=run_log.mark())
+    print(world.report(results, args.write_docs), end="")
+    print("evaluate a row's checkpoint with:", command("--evaluate", world.checkpoint("defaults")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``train_cars.py``: 0 done, 1 non-finite loss, 2 bad input, 130 interrupted."""
+    with files.logging_to(int(os.environ.get("RANK", "0"))) as run_log:
         try:
-            run.train()
-            run.draw()
-            results[name] = run.result()
-        except NonFiniteLossError as error:
-            logger.error("%s", error)
-            return EXIT_NONFINITE
-        finally:
-            run.close()
-        runs[name] = run
-    table = results_table(results)
-    (output / "results.md").write_text(table)
-    logger.info("demo results (also in %s):\n%s", output / "results.md", table)
-    first = next(iter(runs.values()))
-    pictures = [
-        compare_galleries(
-            [
-                (name, run.train_samples, results[name]["responsibilities"])
-                for name, run in runs.items()
-            ],
-            class_ids=list(first.cfg.output.plot_classes)[:2],
-            classnames=first.classnames,
-            top_n=first.cfg.output.plot_top_images,
-            path=output / "galleries.png",
-        )
-    ]
-    logger.info("side-by-side galleries: %s", pictures[0])
-    if docs_dir is not None:
-        docs_dir.mkdir(parents=True, exist_ok=True)
-        (docs_dir / "demo_results.md").write_text(table)
-        shutil.copy(pictures[0], docs_dir / "galleries.png")
-        for name in runs:
-            for picture in ("training_curves.png", "similarity.png"):
-                shutil.copy(output / name / "plots" / picture, docs_dir / f"{name}_{picture}")
-        logger.info("docs: wrote the demo's table, log and pictures into %s", docs_dir)
-    return EXIT_OK
-
-
-class _DocsFormatter(logging.Formatter):
-    """Log lines for the docs: no time stamps, and the temporary folder's path shortened."""
-
-    def __init__(self, replacements: dict[str, str]):
-        super().__init__("%(levelname)s %(name)s: %(message)s")
-        self.replacements = replacements
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        for old, new in self.replacements.items():
-            text = text.replace(old, new)
-        return text
-
-
-@contextlib.contextmanager
-def _docs_log(docs_dir: Path | None, data_root: str) -> Iterator[None]:
-    """With ``docs_dir``: also log into ``docs_dir/demo.log`` (for the docs to include)."""
-    if docs_dir is None:
-        yield
-        return
-    docs_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(docs_dir / "demo.log", mode="w", encoding="utf-8")
-    handler.setFormatter(_DocsFormatter({data_root: "/tmp/promptmix_cars_demo_…"}))
-    handler.setLevel(logging.INFO)
-    handler.addFilter(_quiet_libraries)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()
+            args = parse_args(argv)
+            if args.demo:
+                run_demo(args, run_log)
+            elif args.evaluate is not None:
+                numbers = evaluate_checkpoint(args, run_log)
+                print(f"{numbers['test_accuracy']:.2f}% test top-1 on the {numbers['classes']} "
+                      f"classes ({numbers['num_classes']}); written to {numbers['folder']}")
+            else:
+                cfg = load(args.config or Path(__file__).parent / "configs" / "default.yaml",
+                           args.overrides, flags=args.flags)
+                if cfg.data.root is None:
+                    raise UsageError("--data-root: expected the Stanford Cars folder, got none "
+                                     "(or try --demo)")
+                resume = args.resume_from or (
+                    files.RunFolder(cfg.output.output_dir).checkpoint if args.resume else None)
+                with distributed.session(cfg.train.device) as runtime:
+                    result = train(cfg, runtime, run_log, resume)
+                if runtime.is_main:
+                    final, start = result["final"], result["start"]
+                    print(f"{final['accuracy']:.2f}% test top-1"
+                          + (f" ({start['accuracy']:.2f}% at step 0)" if start else "")
+                          + f", {final['report'].message}; run in {result['folder']}")
+            return EXIT_OK
+        except UsageError as error:
+            for message in error.messages:
+                print(f"train_cars.py: error: {message}", file=sys.stderr)
+            return EXIT_USAGE
+        except Stopped as stop:
+            print(f"train_cars.py: {stop}", file=sys.stderr)
+            return stop.status
+        except KeyboardInterrupt:
+            print("train_cars.py: interrupted before training started; nothing was written",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

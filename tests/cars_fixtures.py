@@ -1,7 +1,7 @@
 """Helpers for the tests of ``examples/train_cars.py``: imports and Stanford Cars on disk.
 
-The example is not a package: its modules live beside ``train_cars.py`` and import each other by
-name, so ``examples/`` goes on ``sys.path`` (as ``python examples/train_cars.py`` does).
+The example is a script with its package ``cars`` beside it, so ``examples/`` goes on
+``sys.path`` (as ``python examples/train_cars.py`` does).
 
 The datasets are written in the real file layouts: the devkit's ``.mat`` files with
 ``scipy.io.savemat`` in the struct layout torchvision's ``StanfordCars`` reads, CoOp's split JSON,
@@ -25,36 +25,35 @@ if str(EXAMPLES) not in sys.path:
     sys.path.insert(0, str(EXAMPLES))
 
 # The example's modules, for the tests to import from here (after the sys.path insertion above).
-import cars_checkpoint  # noqa: E402
-import cars_config  # noqa: E402
-import cars_data  # noqa: E402
-import cars_demo  # noqa: E402
-import cars_distributed  # noqa: E402
-import cars_features  # noqa: E402
-import cars_grid  # noqa: E402
-import cars_metrics  # noqa: E402
-import cars_model  # noqa: E402
-import cars_plots  # noqa: E402
 import train_cars  # noqa: E402
-from cars_data import load_stanford_cars  # noqa: E402
-from cars_demo import write_synthetic_cars  # noqa: E402
-from cars_metrics import read_records  # noqa: E402
+from cars import UsageError  # noqa: E402
+from cars import clip as cars_clip  # noqa: E402
+from cars import config as cars_config  # noqa: E402
+from cars import data as cars_data  # noqa: E402
+from cars import demo as cars_demo  # noqa: E402
+from cars import distributed as cars_distributed  # noqa: E402
+from cars import files as cars_files  # noqa: E402
+from cars import grid as cars_grid  # noqa: E402
+from cars import plots as cars_plots  # noqa: E402
+from cars.data import load_stanford_cars  # noqa: E402
+from cars.demo import write_synthetic_cars  # noqa: E402
+from cars.files import read_records  # noqa: E402
 
 __all__ = [
     "CLASSNAMES",
     "EXAMPLES",
-    "cars_checkpoint",
+    "UsageError",
+    "cars_clip",
     "cars_config",
     "cars_data",
     "cars_demo",
     "cars_distributed",
-    "cars_features",
+    "cars_files",
     "cars_grid",
-    "cars_metrics",
-    "cars_model",
     "cars_plots",
     "old_config",
     "one_torch_thread",
+    "run",
     "step_records",
     "train_cars",
     "write_coop",
@@ -162,6 +161,13 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def run(capsys: Any, *argv: object) -> tuple[int, str, str]:
+    """``train_cars.main(argv)``: its exit status, stdout and stderr."""
+    status = train_cars.main([str(item) for item in argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 def step_records(output_dir: Path) -> list[dict[str, Any]]:

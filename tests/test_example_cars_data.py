@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from cars_fixtures import (
     CLASSNAMES,
-    cars_checkpoint,
     cars_config,
     cars_data,
+    cars_files,
     write_coop,
     write_folders,
     write_original,
@@ -116,6 +116,16 @@ def test_few_shot_is_reproducible_and_balanced(original: Path) -> None:
 
 
 def test_module_examples_run() -> None:
-    for module in (cars_checkpoint, cars_config, cars_data):
+    for module in (cars_files, cars_config, cars_data):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_unreadable_dataset_files_are_named(original: Path, tmp_path: Path) -> None:
+    root = tmp_path / "broken"
+    root.mkdir()
+    (root / "split_zhou_StanfordCars.json").write_text("{not json")
+    with pytest.raises(DatasetNotFoundError) as error:
+        load_stanford_cars(root, layout="coop")
+    (message,) = error.value.messages
+    assert message.startswith(f"{root}: expected the files of Stanford Cars' coop layout")

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from cars_fixtures import (
     EXAMPLES,
-    cars_checkpoint,
-    cars_metrics,
+    cars_files,
     old_config,
     one_torch_thread,
     step_records,
@@ -65,7 +64,8 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
 
     log = (distributed_output / "train.log").read_text()
     assert "2 process(es)" in log
-    saved = cars_checkpoint.load_checkpoint(distributed_output / "checkpoints" / "last.pt")
+    assert result.stdout.count("% test top-1") == 1  # the result, once: from the main process
+    saved = cars_files.read_checkpoint(distributed_output / "checkpoints" / "last.pt", "test")
     assert len(saved["rng"]) == 2 and saved["epoch"] == 1
     first_distributed = step_records(distributed_output)[0]
     first_single = step_records(single_output)[0]
@@ -73,7 +73,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
         assert math.isclose(first_distributed[term], first_single[term], rel_tol=1e-5), term
     epochs = [
         r
-        for r in cars_metrics.read_records(distributed_output / "metrics.jsonl")
+        for r in cars_files.read_records(distributed_output / "metrics.jsonl")
         if r["event"] == "epoch"
     ]
     assert len(epochs) == 1 and 0 <= epochs[0]["test_accuracy"] <= 100

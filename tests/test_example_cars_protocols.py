@@ -1,13 +1,14 @@
-"""The evaluation protocols, the demo and the errors of ``examples/train_cars.py`` a user meets."""
+"""The evaluation protocols and the demo of ``examples/train_cars.py``."""
 
 from __future__ import annotations
 
 import functools
+import json
 import math
+import shlex
 import statistics
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -15,12 +16,12 @@ from cars_fixtures import (
     cars_config,
     cars_data,
     cars_demo,
+    cars_files,
     cars_grid,
-    cars_metrics,
-    cars_model,
     cars_plots,
     old_config,
     one_torch_thread,
+    run,
     train_cars,
     write_original,
 )
@@ -70,31 +71,22 @@ def test_base_and_new_halves_are_relabelled_from_zero(
     assert cars_data.subsample_classes(names, samples, "all") == (names, samples)
 
 
-def test_bad_subsample_value_is_a_config_error(
-    data_root: Path, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    argv = ["--config", str(config), "--data-root", str(data_root), "--output-dir", str(tmp_path)]
-    assert train_cars.main([*argv, "data.subsample_classes=novel"]) == train_cars.EXIT_USAGE
-    assert "data.subsample_classes must be one of ['all', 'base', 'new']" in capsys.readouterr().err
-
-
 def test_base_to_new_grid_trains_on_base_and_tests_new_as_its_own_problem(
     data_root: Path, config: Path, tmp_path: Path
 ) -> None:
     argv = ["base-to-new", "--config", str(config), "--data-root", str(data_root)]
     argv += ["--output-dir", str(tmp_path), "--shots", "2", "--seeds", "1,2"]
-    assert cars_grid.main([*argv, "output.plots=false"]) == train_cars.EXIT_OK
+    assert cars_grid.main([*argv, "output.plots=false"]) == 0
     base, new = [], []
     for seed in (1, 2):
         folder = tmp_path / "base_to_new" / f"shots2_seed{seed}"
-        trained = cars_metrics.read_records(folder / "base" / "metrics.jsonl")
-        assert {r["event"] for r in trained} >= {"step", "epoch"}
-        evaluated = cars_metrics.read_records(folder / "new" / "metrics.jsonl")
-        assert [r["event"] for r in evaluated] == ["eval"]  # no training on the new classes
+        trained = cars_files.read_records(folder / "base" / "metrics.jsonl")
+        assert {r["event"] for r in trained} >= {"step", "epoch", "final"}
+        evaluated = json.loads((folder / "new" / "eval.json").read_text())
+        assert not (folder / "new" / "metrics.jsonl").exists()  # no training on the new classes
+        assert (evaluated["classes"], evaluated["num_classes"]) == ("new", 2)  # its own 2-way task
         base.append(cars_grid.final_accuracy(folder / "base"))
-        new.append(evaluated[0]["test_accuracy"])
-        log = (folder / "new" / "train.log").read_text()
-        assert "new classes (2)" in log  # 4 fixture classes: the new half is its own 2-way task
+        new.append(evaluated["test_accuracy"])
     table = (tmp_path / "base_to_new.md").read_text()
     b, n = statistics.mean(base), statistics.mean(new)
     expected_h = 2 * b * n / (b + n) if b + n else 0.0
@@ -107,44 +99,26 @@ def test_base_to_new_grid_trains_on_base_and_tests_new_as_its_own_problem(
 def test_class_specific_prompts_cannot_be_evaluated_on_new_classes(
     data_root: Path, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--config", str(config), "--data-root", str(data_root), "output.plots=false"]
+    argv = ["--config", config, "--data-root", data_root, "output.plots=false"]
     base = tmp_path / "base"
-    assert train_cars.main([*argv, "--output-dir", str(base), "data.subsample_classes=base"]) == 0
-    checkpoint = str(base / "checkpoints" / "last.pt")
-    status = train_cars.main(
-        [
-            *argv,
-            "--output-dir",
-            str(tmp_path / "new"),
-            "--evaluate",
-            checkpoint,
-            "data.subsample_classes=new",
-        ]
-    )
+    assert run(capsys, *argv, "--output-dir", base, "data.subsample_classes=base")[0] == 0
+    checkpoint = base / "checkpoints" / "last.pt"
+    status, _, err = run(capsys, *argv, "--evaluate", checkpoint, "data.subsample_classes=new")
     assert status == train_cars.EXIT_USAGE
-    assert "model.class_specific=false" in capsys.readouterr().err
+    assert "model.class_specific=false" in err and not (base / "eval").exists()
 
 
-def _fake_run(folder: Path, accuracy: float, epochs: int = 2, last_epoch: int = 2) -> None:
+def _fake_run(folder: Path, accuracy: float, finished: bool = True) -> None:
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(f"train:\n  epochs: {epochs}\n")
-    lines = [
-        {"event": "epoch", "epoch": e, "step": e, "test_accuracy": accuracy - 1 + e / 2}
-        for e in range(1, last_epoch + 1)
-    ]
-    (folder / "metrics.jsonl").write_text("".join(f"{json_line(r)}\n" for r in lines))
-
-
-def json_line(record: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(record)
+    lines = [{"event": "epoch", "epoch": 1, "step": 1, "test_accuracy": accuracy - 1}]
+    lines += [{"event": "final", "epoch": 2, "step": 2, "test_accuracy": accuracy}] * finished
+    (folder / "metrics.jsonl").write_text("".join(f"{json.dumps(r)}\n" for r in lines))
 
 
 def test_few_shot_table_is_mean_and_std_over_seeds(tmp_path: Path) -> None:
     for shots, seed, accuracy in [(1, 1, 50.0), (1, 2, 54.0), (2, 1, 60.0), (2, 2, 60.0)]:
         _fake_run(tmp_path / "few_shot" / f"shots{shots}_seed{seed}", accuracy)
-    _fake_run(tmp_path / "few_shot" / "shots4_seed1", 70.0, last_epoch=1)  # unfinished
+    _fake_run(tmp_path / "few_shot" / "shots4_seed1", 70.0, finished=False)
     argv = ["few-shot", "--output-dir", str(tmp_path), "--aggregate-only"]
     assert cars_grid.main([*argv, "--shots", "1,2,4", "--seeds", "1,2"]) == 0
     table = (tmp_path / "few_shot.md").read_text().splitlines()
@@ -162,54 +136,37 @@ def test_harmonic_mean() -> None:
 
 
 def test_offline_pretrained_model_fails_fast_in_one_line(
-    data_root: Path,
-    config: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    data_root: Path, config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(cars_model, "weights_cached", lambda name, tag: False)
-    monkeypatch.setattr(cars_model, "hub_reachable", lambda timeout=3.0: False)
-    argv = ["--config", str(config), "--data-root", str(data_root), "--output-dir", str(tmp_path)]
-    status = train_cars.main([*argv, "model.clip_name=ViT-B-32", "model.pretrained=openai"])
+    from cars_fixtures import cars_clip
+
+    monkeypatch.setattr(cars_clip, "weights_cached", lambda name, tag: False)
+    monkeypatch.setattr(cars_clip, "hub_reachable", lambda timeout=3.0: False)
+    status, _, err = run(capsys, "--config", config, "--data-root", data_root, "--output-dir",
+                         tmp_path / "out", "model.clip_name=ViT-B-32", "model.pretrained=openai")
     assert status == train_cars.EXIT_USAGE
-    stderr = capsys.readouterr().err
-    assert "Traceback" not in stderr
-    (error,) = [line for line in stderr.splitlines() if "error" in line.lower()]
+    (error,) = [line for line in err.splitlines() if "error" in line.lower()]
     assert "model.clip_name=ViT-B-32 model.pretrained=openai" in error
     assert "model.pretrained=/path/to/open_clip_model.safetensors" in error
+    assert not (tmp_path / "out").exists()
 
 
-def test_resume_without_a_checkpoint_fails_before_encoding(
-    data_root: Path,
-    config: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+def test_resume_without_a_checkpoint_fails_before_reading_images(
+    data_root: Path, config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    def no_run(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("the run was built (images loaded and encoded)")
+    def no_data(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the dataset was read")
 
-    monkeypatch.setattr(train_cars, "Run", no_run)
-    argv = ["--config", str(config), "--data-root", str(data_root), "--output-dir", str(tmp_path)]
-    assert train_cars.main([*argv, "--resume"]) == train_cars.EXIT_USAGE
-    error = capsys.readouterr().err
-    assert "--resume: there is no checkpoint" in error and "last.pt" in error
-
-
-def test_rising_temperature_schedule_warns() -> None:
-    with pytest.warns(UserWarning, match=r"model.em_tau_start \(0.05\) is below model.em_tau_end"):
-        cars_config.load_config(None, ["model.em_tau_start=0.05", "model.em_tau_end=1.0"])
+    monkeypatch.setattr(train_cars, "load_few_shot", no_data)
+    status, _, err = run(capsys, "--config", config, "--data-root", data_root, "--output-dir",
+                         tmp_path, "--resume")
+    assert status == train_cars.EXIT_USAGE
+    assert f"--resume {tmp_path / 'checkpoints' / 'last.pt'}: expected a train_cars.py " in err
 
 
-def test_config_defaults_are_the_library_defaults() -> None:
-    """The example's config follows promptmix's defaults (a change there must reach here)."""
-    cfg = cars_config.load_config(None)
-    for key, value in cars_demo.library_defaults().items():
-        assert cars_config.OmegaConf.select(cfg, key) == value, key
-
-
-def test_demo_classes_of_one_colour_differ_only_by_whole_looks() -> None:
+def test_demo_world_classes_of_one_colour_differ_only_by_whole_looks() -> None:
     """Classes 2j and 2j+1 share colour j; no single trait but a whole look tells them apart."""
     for colour in range(4):
         even, odd = (
@@ -224,29 +181,95 @@ def test_demo_classes_of_one_colour_differ_only_by_whole_looks() -> None:
     assert len({cars_demo.caption(*look, 4) for look in looks}) == len(looks) == 16
 
 
-def test_demo_compares_uncured_and_defaults_and_writes_the_docs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_demo_rows_follow_their_recipes() -> None:
+    world = cars_demo.World(Path("/nonexistent/demo"), None, [])
+    one, uncured, defaults = (world.rows[name].model for name in cars_demo.RECIPES)
+    assert list(world.rows) == ["one prompt", "uncured", "defaults"]
+    assert (one.n_subprompts, one.mixture_loss_weight, one.entropy_loss_weight) == (1, 0.0, 0.0)
+    assert (one.init, uncured.init, defaults.init) == ("text", "text", "kmeans")
+    assert (uncured.em_tau_end, uncured.entropy_loss_weight) == (0.05, 0.0)
+    # defaults: nothing but the world's K and the documented start, everything else promptmix's
+    assert defaults.mixture_loss_weight is None and defaults.em_tau_end is None
+    assert defaults.sinkhorn_iterations is None and defaults.n_subprompts == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.pretrained=openai", "model.pretrained"),
+        ("data.root=/data/cars", "data.root"),
+        ("model.init=text", "model.init"),
+        ("model.mixture_loss_weight=3", "model.mixture_loss_weight"),
+    ],
+)
+def test_demo_refuses_the_settings_it_would_ignore(
+    override: str, key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run(capsys, "--demo", "--output-dir", tmp_path / "demo", override)
+    assert status == train_cars.EXIT_USAGE and out == ""
+    assert err == f"train_cars.py: error: {key}: expected no override with --demo (the demo " \
+        "sets it: its own data, tiny CLIP, folders and the rows' recipes), got one\n"
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_compares_three_rows_and_its_checkpoint_can_be_evaluated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     short = functools.partial(cars_demo.pretrain_tiny_clip, steps=3, images_per_look=2)
-    monkeypatch.setattr(train_cars, "pretrain_tiny_clip", short)
-    docs = tmp_path / "docs"
-    argv = ["--demo", "--output-dir", str(tmp_path / "out"), "--write-docs", str(docs)]
-    assert train_cars.main([*argv, "train.epochs=1"]) == train_cars.EXIT_OK
+    monkeypatch.setattr(cars_demo, "pretrain_tiny_clip", short)
+    docs, output = tmp_path / "docs", tmp_path / "out"
+    status, out, _ = run(capsys, "--demo", "--output-dir", output, "--write-docs", docs,
+                         "train.epochs=1")
+    assert status == train_cars.EXIT_OK
     table = (docs / "demo_results.md").read_text().splitlines()
-    assert table[0] == "| run | accuracy | dominant share | effective K |"
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["uncured", "defaults"]
-    assert table == (tmp_path / "out" / "results.md").read_text().splitlines()
-    defaults = cars_config.load_config(tmp_path / "out" / "defaults" / "config.yaml")
-    loss = promptmix.MixtureOfPromptsLoss()
-    assert defaults.model.entropy_loss_weight == loss.entropy_weight  # read from the library
-    uncured = cars_config.load_config(tmp_path / "out" / "uncured" / "config.yaml")
-    assert (uncured.model.em_tau_end, uncured.model.entropy_loss_weight) == (0.05, 0.0)
-    assert (uncured.model.init, defaults.model.init) == ("text", "kmeans")
+    assert table[0].startswith("| run | accuracy | dominant share | effective K |")
+    assert "accuracy at step 0" in table[0]
+    assert [line.split("|")[1].strip() for line in table[2:]] == [
+        "one prompt", "uncured", "defaults"]
+    assert out.startswith("\n".join(table))  # the results on stdout
+    assert table == (output / "results.md").read_text().splitlines()
+    assert "Galleries of the classes where uncured and defaults differ most" in out
+    # The data and the CLIP stay under the demo's folder, and the printed command works.
+    saved = cars_config.load(output / "defaults" / "config.yaml")
+    assert Path(saved.data.root) == (output / "data").resolve()
+    assert Path(saved.model.pretrained) == (output / "tiny_clip.pt").resolve()
+    (command,) = [line for line in out.splitlines() if line.startswith("evaluate")]
+    evaluate = shlex.split(command.split(": ", 1)[1])[2:]
+    assert evaluate == ["--evaluate", str(output / "defaults" / "checkpoints" / "last.pt")]
+    before = _hashes(output / "defaults")
+    status, out, _ = run(capsys, *evaluate)
+    assert status == train_cars.EXIT_OK and "% test top-1 on the all classes (8)" in out
+    assert _hashes(output / "defaults", skip="eval") == before  # the run is untouched
+    assert json.loads((output / "defaults" / "eval" / "all" / "eval.json").read_text())
+    # The docs' copies: the log without clock times or this machine's folders.
     log = (docs / "demo.log").read_text()
-    assert "pre-trained the tiny CLIP contrastively" in log and "/tmp/promptmix_cars_demo_…" in log
-    assert "INFO root" not in log  # library chatter filtered out
+    assert "pre-trained the tiny CLIP contrastively" in log and str(tmp_path) not in log
+    assert "root:" not in log  # library chatter filtered out
     for name in ("galleries.png", "uncured_training_curves.png", "defaults_similarity.png"):
         assert (docs / name).stat().st_size > 5000
+
+
+def _hashes(folder: Path, skip: str = "") -> dict[str, int]:
+    return {
+        str(path.relative_to(folder)): hash(path.read_bytes())
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and not (skip and skip in path.relative_to(folder).parts)
+    }
+
+
+def test_differing_classes_are_those_where_the_rows_disagree() -> None:
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+
+    def row(shares: list[float], predictions: list[int]) -> dict:
+        return {"test_labels": labels,
+                "train": {"class_share": torch.tensor(shares)},
+                "final": {"predictions": torch.tensor(predictions)}}
+
+    uncured = row([1.0, 0.5, 0.5], [0, 0, 1, 1, 0, 0])
+    defaults = row([0.5, 0.5, 0.5], [0, 0, 1, 1, 2, 2])
+    classes, why = cars_demo.differing_classes(uncured, defaults)
+    assert classes == [0, 2]
+    assert "class 0: dominant share 1.00 vs 0.50" in why and "test accuracy 0% vs 100%" in why
 
 
 def test_gallery_rows_say_how_many_images_they_show(tmp_path: Path, data_root: Path) -> None:
@@ -257,3 +280,11 @@ def test_gallery_rows_say_how_many_images_they_show(tmp_path: Path, data_root: P
     labels = [axis.get_ylabel() for axis in figure.axes if axis.get_ylabel()]
     assert labels == ["sub-prompt 0\n2 of 3 shown", "sub-prompt 1\n1 of 1 shown"]
     cars_plots.plt.close(figure)
+
+
+def test_one_prompt_is_cross_entropy_only() -> None:
+    """The demo's CoOp row: the loss reduces to the cross-entropy of the text-started prompt."""
+    loss = promptmix.MixtureOfPromptsLoss(mixture_weight=0.0, entropy_weight=0.0,
+                                          diversity_weight=0.0)
+    out = loss(torch.randn(4, 8), torch.randn(3, 1, 8), torch.tensor([0, 1, 2, 0]))
+    assert torch.equal(out["loss"], out["ce"])

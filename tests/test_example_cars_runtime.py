@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cars_fixtures import cars_distributed
+from cars_fixtures import UsageError, cars_distributed
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def test_auto_uses_one_gpu_per_process_when_there_are_enough(one_gpu: None) -> N
 
 
 def test_explicit_cuda_with_too_few_gpus_is_a_clear_error(one_gpu: None) -> None:
-    with pytest.raises(RuntimeError, match="nproc_per_node=1"):
+    with pytest.raises(UsageError, match="nproc_per_node=1"):
         cars_distributed._pick_device("cuda", 1, 2)
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cars_fixtures import (
-    cars_checkpoint,
+    UsageError,
+    cars_clip,
     cars_config,
-    cars_metrics,
-    cars_model,
+    cars_files,
     old_config,
     one_torch_thread,
     step_records,
@@ -39,20 +39,19 @@ def _one_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def clip() -> cars_model.ClipBundle:
+def clip() -> cars_clip.Clip:
     torch.manual_seed(0)
-    cfg = cars_config.load_config(None, ["model.clip_name=tiny-random", "model.pretrained=null"])
-    return cars_model.load_clip(cfg, torch.device("cpu"))
+    cfg = cars_config.load(None, ["model.clip_name=tiny-random", "model.pretrained=null"])
+    return cars_clip.load_clip(cfg.model, torch.device("cpu"))
 
 
 def _cfg(*overrides: str):
     base = ["model.clip_name=tiny-random", "model.pretrained=null", "model.n_subprompts=2"]
-    return cars_config.load_config(None, [*base, *overrides])
+    return cars_config.load(None, [*base, *overrides])
 
 
 def test_regularizers_are_off_by_default(clip) -> None:
-    assert cars_model.build_regularizers(_cfg(), clip, CLASSNAMES) == {}
-    assert cars_model.build_regularizers(_cfg(), None, None) == {}  # no encoding needed
+    assert train_cars.build_regularizers(_cfg(), clip, CLASSNAMES) == {}
 
 
 @pytest.mark.parametrize(
@@ -65,7 +64,7 @@ def test_regularizers_are_off_by_default(clip) -> None:
     ],
 )
 def test_each_weight_switches_its_regularizer_on(clip, override, name, kind, weight) -> None:
-    regularizers = cars_model.build_regularizers(_cfg(override), clip, CLASSNAMES)
+    regularizers = train_cars.build_regularizers(_cfg(override), clip, CLASSNAMES)
     assert list(regularizers) == [name]
     module, got = regularizers[name]
     assert isinstance(module, kind) and got == weight
@@ -80,7 +79,7 @@ def test_references_are_the_frozen_tower_on_the_templates(clip) -> None:
         "model.anchor_distance=l1",
         "model.zero_shot_reduction=mean",
     )
-    regularizers = cars_model.build_regularizers(cfg, clip, CLASSNAMES)
+    regularizers = train_cars.build_regularizers(cfg, clip, CLASSNAMES)
     with torch.no_grad():
         encoded = torch.stack(
             [
@@ -102,11 +101,6 @@ def test_references_are_the_frozen_tower_on_the_templates(clip) -> None:
     torch.testing.assert_close(text_to_text.template_features, encoded)
 
 
-def test_text_regularizers_need_the_clip_model() -> None:
-    with pytest.raises(ValueError, match="clip and classnames"):
-        cars_model.build_regularizers(_cfg("model.anchor_loss_weight=8"), None, None)
-
-
 @pytest.mark.parametrize(
     ("override", "match"),
     [
@@ -118,14 +112,12 @@ def test_text_regularizers_need_the_clip_model() -> None:
     ],
 )
 def test_bad_values_are_config_errors(override, match) -> None:
-    with pytest.raises(cars_config.ConfigError, match=match):
+    with pytest.raises(UsageError, match=match):
         _cfg(override)
 
 
 def test_objective_carries_the_regularizers(clip) -> None:
-    objective = cars_model.build_objective(
-        _cfg(*ALL_ON), 3, 10, sync_distributed=False, clip=clip, classnames=CLASSNAMES
-    )
+    objective = train_cars.build_loss(_cfg(*ALL_ON), clip, CLASSNAMES, 2, 10, sync=False)
     assert sorted(objective.regularizers) == ["anchor", "dispersion", "text_to_text", "zero_shot"]
     images, labels = torch.randn(4, 32), torch.tensor([0, 1, 2, 0])
     out = objective(images, torch.randn(3, 2, 32), labels, logit_scale=clip.logit_scale)
@@ -155,8 +147,15 @@ def test_tiny_run_with_every_regularizer(tmp_path: Path) -> None:
     steps = step_records(output)
     assert len(steps) == 2
     for r in steps:  # the regularizers add positive terms to the documented combination
-        builtin = r["ce"] + 10 * r["mixture"] - r["entropy"]
+        builtin = _builtin(r)
         assert math.isfinite(r["loss"]) and r["loss"] > builtin + 1e-3
+
+
+def _builtin(record: dict) -> float:
+    """The loss's own terms in a step record, combined with promptmix's default weights."""
+    loss = promptmix.MixtureOfPromptsLoss()
+    return (record["ce"] + loss.mixture_weight * record["mixture"]
+            + loss.diversity_weight * record["diversity"] - loss.entropy_weight * record["entropy"])
 
 
 def _tiny_run(tmp_path: Path, *overrides: str, epochs: int = 2) -> Path:
@@ -183,7 +182,7 @@ def _tiny_run(tmp_path: Path, *overrides: str, epochs: int = 2) -> Path:
 def test_extra_terms_are_logged_per_step(tmp_path: Path) -> None:
     output = _tiny_run(tmp_path, "model.anchor_loss_weight=8", epochs=1)
     for r in step_records(output):
-        builtin = r["ce"] + 10 * r["mixture"] - r["entropy"]
+        builtin = _builtin(r)
         assert math.isclose(r["loss"], builtin + 8 * r["anchor"], rel_tol=1e-4, abs_tol=1e-4)
 
 
@@ -207,7 +206,7 @@ def test_prograd_applies_the_projected_gradient(tmp_path: Path, monkeypatch) -> 
 
 
 def test_prograd_needs_the_zero_shot_term() -> None:
-    with pytest.raises(cars_config.ConfigError, match=r"model\.prograd"):
+    with pytest.raises(UsageError, match=r"model\.prograd"):
         _cfg("model.prograd=true")
 
 
@@ -215,10 +214,9 @@ def test_prompt_averaging_ends_on_the_gaussian_average(tmp_path: Path) -> None:
     output = _tiny_run(
         tmp_path, "model.prompt_averaging=true", "model.prompt_averaging_mean=1", epochs=2
     )
-    records = cars_metrics.read_records(output / "metrics.jsonl")
-    averaged = [r for r in records if r["event"] == "prompt_average"]
-    assert len(averaged) == 1 and averaged[0]["epoch"] == 2
-    saved = cars_checkpoint.load_checkpoint(output / "checkpoints" / "last.pt")
+    records = cars_files.read_records(output / "metrics.jsonl")
+    assert records[-1]["event"] == "final" and records[-1]["prompt_average"]
+    saved = cars_files.read_checkpoint(output / "checkpoints" / "last.pt", "test")
     state = saved["prompt_average"]
     assert state["epoch"] == 2 and state["averages"]
     for name, value in state["averages"].items():  # the final prompts are the average

@@ -3,22 +3,22 @@
 Run it::
 
     # few-shot (CoOp): 1, 2, 4, 8, 16 shots x seeds 1, 2, 3 on all 196 classes
-    python examples/cars_grid.py few-shot --config examples/configs/stanford_cars.yaml \\
+    python examples/cars/grid.py few-shot --config examples/configs/stanford_cars.yaml \\
         --data-root PATH --output-dir runs/grid
 
     # base-to-new (CoCoOp): train on the base half, test on base and on the new half, 3 seeds
-    python examples/cars_grid.py base-to-new --config examples/configs/stanford_cars.yaml \\
+    python examples/cars/grid.py base-to-new --config examples/configs/stanford_cars.yaml \\
         --data-root PATH --output-dir runs/grid --shots 16
 
     # only the table, from runs already on disk
-    python examples/cars_grid.py few-shot --output-dir runs/grid --aggregate-only
+    python examples/cars/grid.py few-shot --output-dir runs/grid --aggregate-only
 
 Each run is a normal ``train_cars.py`` run in its own folder (``few_shot/shots16_seed1/``,
-``base_to_new/shots16_seed1/base/`` and ``.../new/``); a run whose final record is already on
-disk is skipped, so an interrupted grid continues where it stopped. Trailing ``key=value``
-arguments go to every run. The table (``few_shot.md`` or ``base_to_new.md`` in the output
-folder) gives mean ± standard deviation over the seeds, beside the published figures of other
-methods (``published_stanford_cars.json``), each labelled with its source.
+``base_to_new/shots16_seed1/base/``, and the evaluation of its prompts on the new classes in
+``.../new/``); a finished run is skipped, so an interrupted grid continues where it stopped.
+Trailing ``key=value`` arguments go to every run. The table (``few_shot.md`` or ``base_to_new.md``
+in the output folder) gives mean ± standard deviation over the seeds, beside the published
+figures of other methods (``published_stanford_cars.json``), each labelled with its source.
 
 Base-to-new needs prompts that carry over to classes they were not trained on, so its runs use
 one context shared by all classes (``model.class_specific=false``), as CoCoOp's CoOp baseline does.
@@ -34,13 +34,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import train_cars
-from cars_config import ConfigError
-from cars_metrics import read_records
-from omegaconf import OmegaConf
+if __package__ in (None, ""):  # run as a file: import `cars` and `train_cars` from examples/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from cars import UsageError
+from cars.files import read_records
 
 PROTOCOLS = ("few-shot", "base-to-new")
-PUBLISHED_FILE = Path(__file__).resolve().parent / "configs" / "published_stanford_cars.json"
+PUBLISHED_FILE = Path(__file__).resolve().parents[1] / "configs" / "published_stanford_cars.json"
 
 
 def _numbers(text: str) -> list[int]:
@@ -77,19 +78,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def final_accuracy(run_dir: Path) -> float | None:
-    """The last test accuracy a run recorded (``None``: the run has not finished)."""
-    records = read_records(run_dir / "metrics.jsonl")
-    events = ("epoch", "eval", "prompt_average")
-    done = [r for r in records if r["event"] in events and "test_accuracy" in r]
-    if not done or not (run_dir / "config.yaml").exists():
-        return None
-    epochs = [r["epoch"] for r in records if r["event"] == "epoch"]
-    if epochs and max(epochs) != OmegaConf.load(run_dir / "config.yaml").train.epochs:
-        return None  # a training run stopped before its last epoch
-    return float(done[-1]["test_accuracy"])
+    """The test accuracy of a finished run or evaluation (``None``: not finished)."""
+    if (run_dir / "eval.json").exists():
+        return float(json.loads((run_dir / "eval.json").read_text())["test_accuracy"])
+    final = [r for r in read_records(run_dir / "metrics.jsonl") if r["event"] == "final"]
+    return float(final[-1]["test_accuracy"]) if final else None
 
 
 def _train_cars(args: argparse.Namespace, output: Path, *extra: str) -> None:
+    import train_cars  # the grid drives the script, as a shell loop would
+
     if final_accuracy(output) is not None:
         return
     argv = [*(["--config", str(args.config)] if args.config else [])]
@@ -102,7 +100,8 @@ def _train_cars(args: argparse.Namespace, output: Path, *extra: str) -> None:
 def run_grid(args: argparse.Namespace) -> None:
     """Every run of the protocol that is not on disk yet."""
     if args.data_root is None:
-        raise ConfigError("Pass --data-root PATH (or --aggregate-only).")
+        raise UsageError("--data-root: expected the Stanford Cars folder, got none (or pass "
+                         "--aggregate-only)")
     for shots in args.shots:
         for seed in args.seeds:
             grid = [f"train.shots={shots}", f"train.seed={seed}"]
@@ -202,9 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.aggregate_only:
             run_grid(args)
-    except ConfigError as error:
-        print(f"cars_grid.py: error: {error}", file=sys.stderr)
-        return train_cars.EXIT_USAGE
+    except UsageError as error:
+        for message in error.messages:
+            print(f"grid.py: error: {message}", file=sys.stderr)
+        return 2
     except SystemExit as stop:
         return int(stop.code or 0)
     table = aggregate(args)
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path.write_text(table)
     print(table, end="")
     print(f"(written to {path})", file=sys.stderr)
-    return train_cars.EXIT_OK
+    return 0
 
 
 if __name__ == "__main__":

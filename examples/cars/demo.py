@@ -9,17 +9,20 @@ sub-prompt per look: one prompt per class, or a mixture collapsed onto one, conf
 A random-init CLIP sees none of this, so the demo first pre-trains the tiny CLIP for a few
 seconds, contrastively, on synthetic images captioned with their colour, brightness and stripes
 (:func:`pretrain_tiny_clip`), as CLIP's own pre-training taught it what colours and shapes look
-like; the captions never name the demo's car models. The demo then trains the mixture twice,
-uncured and with promptmix's defaults (:func:`demo_runs`).
+like; the captions never name the demo's car models. :class:`World` then sets up the demo's
+rows (:data:`RECIPES`), which ``train_cars.py`` trains, and reports them side by side.
 """
 
 from __future__ import annotations
 
 import colorsys
-import inspect
+import contextlib
 import logging
+import os
+import re
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +31,12 @@ import open_clip
 import scipy.io
 import torch
 import torch.nn.functional as F
-from cars_model import TINY_TOKENIZER, tiny_clip
+from omegaconf import DictConfig
 from PIL import Image
 
-import promptmix
+from cars import UsageError, files, plots
+from cars.clip import TINY_TOKENIZER, tiny_clip
+from cars.config import load, override_keys
 
 logger = logging.getLogger(__name__)
 
@@ -278,60 +283,174 @@ def pretrain_tiny_clip(
         look_cosines.mean().item(),
         look_cosines.max().item(),
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.cpu().state_dict(), path)
-    return path
+    state = model.cpu().state_dict()
+    files.atomic_write(path, lambda file: torch.save(state, file))
+    return Path(path)
 
 
-def library_defaults() -> dict[str, Any]:
-    """promptmix's own defaults, as the example's config keys (read from the library).
+#: The demo's configuration; each row's recipe goes on top of it.
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+#: The synthetic dataset's size: 8 classes, 8 training images each (4 per look), 10 test images.
+NUM_CLASSES = 8
 
-    The loss's weights, E-step, entropy mode and aggregation come from a default-built
-    ``MixtureOfPromptsLoss``; the temperature schedule's ends and shape from the defaults of
-    ``TemperatureSchedule``. The demo's ``defaults`` run uses these, so it follows the library.
-    """
-    loss = promptmix.MixtureOfPromptsLoss()
-    schedule = inspect.signature(promptmix.TemperatureSchedule).parameters
-    return {
-        "model.mixture_loss_weight": loss.mixture_weight,
-        "model.diversity_loss_weight": loss.diversity_weight,
-        "model.entropy_loss_weight": loss.entropy_weight,
-        "model.entropy_mode": loss.entropy.mode,
-        "model.assignment": loss.assigner.mode,
-        "model.aggregation": loss.aggregation,
-        "model.em_tau_start": schedule["start"].default,
-        "model.em_tau_end": schedule["end"].default,
-        "model.em_tau_schedule": schedule["kind"].default,
-        # The start docs/tuning.md recommends: per-class k-means of the training images.
-        "model.init": "kmeans",
-    }
-
-
-#: The uncured mixture: the design note's "before" (tau annealed 1 -> 0.05, no regularisers).
-UNCURED = {
-    "model.mixture_loss_weight": 1.0,
-    "model.diversity_loss_weight": 0.0,
-    "model.entropy_loss_weight": 0.0,
-    "model.assignment": "soft",
-    "model.em_tau_start": 1.0,
-    "model.em_tau_end": 0.05,
-    "model.em_tau_schedule": "linear",
-    "model.init": "text",  # the class prompt plus noise, as a plain CoOp learner starts
+#: The rows of the demo, each a recipe as settings; what a recipe leaves out is promptmix's default.
+RECIPES: dict[str, dict[str, Any]] = {
+    # CoOp's reference: one prompt per class, cross-entropy only, from the class's text prompt.
+    "one prompt": {
+        "model.n_subprompts": 1, "model.init": "text", "model.mixture_loss_weight": 0.0,
+        "model.entropy_loss_weight": 0.0, "model.diversity_loss_weight": 0.0,
+    },
+    # The mixture as it was before promptmix: tau annealed 1 -> 0.05, EM pull 1, nothing against
+    # collapse, every sub-prompt from the class's text prompt plus noise.
+    "uncured": {
+        "model.init": "text", "model.mixture_loss_weight": 1.0, "model.entropy_loss_weight": 0.0,
+        "model.diversity_loss_weight": 0.0, "model.assignment": "soft", "model.em_tau_start": 1.0,
+        "model.em_tau_end": 0.05, "model.em_tau_schedule": "linear",
+    },
+    # promptmix's defaults and its documented initialisation call, initialize_from_kmeans.
+    "defaults": {"model.init": "kmeans"},
 }
+#: Settings the demo decides itself: its data, its CLIP and its folders.
+OWN = ("data.", "model.clip_name", "model.pretrained", "model.tokenizer", "output.output_dir")
 
 
-def demo_runs() -> dict[str, dict[str, Any]]:
-    """The demo's two runs, by name, as config overrides: ``uncured`` and ``defaults``."""
-    return {"uncured": dict(UNCURED), "defaults": library_defaults()}
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread: the tiny model's ops are too small to gain from more, and on a busy
+    machine idle-spinning OpenMP threads make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
-def results_table(results: dict[str, dict[str, Any]]) -> str:
-    """The demo's Markdown table: one row per run with accuracy, dominant share, effective K."""
-    lines = ["| run | accuracy | dominant share | effective K |", "| --- | --- | --- | --- |"]
-    lines += [
-        f"| {name} | {r['accuracy']:.1f}% | {r['dominant_share']:.2f} | "
-        f"{r['effective_subprompts']:.2f} |"
-        for name, r in results.items()
+class World:
+    """The demo's folder, its synthetic data, its tiny CLIP and the settings of each row.
+
+    Everything is checked when it is made, before anything is written: settings the demo would
+    ignore are refused, and so is an ``--output-dir`` that holds files already.
+    """
+
+    def __init__(self, output_dir: Path | None, config: Path | None, overrides: Sequence[str]):
+        recipe_keys = {key for recipe in RECIPES.values() for key in recipe}
+        ignored = [k for k in override_keys(overrides) if k.startswith(OWN) or k in recipe_keys]
+        errors = [
+            f"{key}: expected no override with --demo (the demo sets it: its own data, tiny "
+            "CLIP, folders and the rows' recipes), got one"
+            for key in ignored
+        ]
+        if errors:
+            raise UsageError(*errors)
+        if output_dir is None:
+            self.folder = files.fresh_folder(Path("runs/cars_demo"))
+        elif output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+            files.check_writable(output_dir, "--output-dir")
+            raise UsageError(
+                f"--output-dir {output_dir}: expected a new or empty folder for the demo, got "
+                "one holding files"
+            )
+        else:
+            self.folder = output_dir
+        files.check_writable(self.folder, "--output-dir")
+        self.recipes = {
+            name: " ".join(f"{k}={v}" for k, v in recipe.items()) or "promptmix's defaults"
+            for name, recipe in RECIPES.items()
+        }
+        absolute = self.folder.resolve()
+        self.rows: dict[str, DictConfig] = {
+            name: load(
+                config or DEMO_CONFIG,
+                [*(f"{key}={value}" for key, value in recipe.items()), *overrides],
+                flags={
+                    "data.root": str(absolute / "data"),
+                    "model.pretrained": str(absolute / "tiny_clip.pt"),
+                    "output.output_dir": str(self.folder / name.replace(" ", "_")),
+                },
+            )
+            for name, recipe in RECIPES.items()
+        }
+        first = next(iter(self.rows.values()))
+        plots.check_classes(first.output.plot_classes, NUM_CLASSES)
+        self.device = first.train.device
+
+    def checkpoint(self, name: str) -> Path:
+        """The checkpoint of row ``name``."""
+        return Path(self.rows[name].output.output_dir) / "checkpoints" / "last.pt"
+
+    def build(self, run_log: files.RunLog) -> None:
+        """Write the synthetic Stanford Cars and pre-train the tiny CLIP, under the folder."""
+        run_log.write_to(self.folder / "demo.log")
+        data = self.folder / "data"
+        partial = self.folder / ".data.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        write_synthetic_cars(partial, num_classes=NUM_CLASSES)
+        os.replace(partial, data)  # the dataset appears whole, or not at all
+        logger.info("demo: synthetic Stanford Cars (devkit layout) in %s", data)
+        pretrain_tiny_clip(self.folder / "tiny_clip.pt", NUM_CLASSES)
+
+    def report(self, results: dict[str, dict[str, Any]], docs: Path | None) -> str:
+        """The table (also ``results.md``) and the galleries of the classes where the mixtures
+        differ most; with ``docs``, a copy of the log, the table and the pictures for the docs."""
+        lines = [
+            "| run | accuracy | dominant share | effective K | accuracy at step 0 |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, result in results.items():
+            report = result["train"]["report"]
+            lines.append(
+                f"| {name} | {result['final']['accuracy']:.1f}% | {report.dominant_share:.2f} | "
+                f"{report.effective_subprompts:.2f} | {result['start']['accuracy']:.1f}% |"
+            )
+        table = "\n".join(lines) + "\n"
+        files.write_text(self.folder / "results.md", table)
+        classes, why = differing_classes(results["uncured"], results["defaults"])
+        data = results["defaults"]["data"]
+        gallery = plots.compare_galleries(
+            [(name, data.train, results[name]["train"]["responsibilities"])
+             for name in ("uncured", "defaults")],
+            class_ids=classes, classnames=data.classnames, top_n=4,
+            path=self.folder / "galleries.png", title=f"The classes where {why}",
+        )
+        if docs is not None:
+            self._write_docs(docs, table, gallery)
+        return table + f"\nGalleries of the classes where {why}: {gallery}\n"
+
+    def _write_docs(self, docs: Path, table: str, gallery: Path) -> None:
+        files.write_text(docs / "demo_results.md", table)
+        copies = {gallery: docs / "galleries.png"}
+        for name, cfg in self.rows.items():
+            for picture in ("training_curves.png", "similarity.png"):
+                source = Path(cfg.output.output_dir) / "plots" / picture
+                copies[source] = docs / f"{name.replace(' ', '_')}_{picture}"
+        for source, target in copies.items():
+            files.atomic_write(target, lambda file, source=source: file.write(source.read_bytes()))
+        # The log without its clock times, and with the demo's folder as the reader would name it.
+        text = (self.folder / "demo.log").read_text()
+        text = text.replace(str(self.folder.resolve()), "runs/cars_demo")
+        text = text.replace(str(self.folder), "runs/cars_demo")
+        files.write_text(docs / "demo.log", re.sub(r"(?m)^\d\d:\d\d:\d\d ", "", text))
+        logger.info("docs: wrote the demo's table, log and pictures into %s", docs)
+
+
+def differing_classes(first: dict[str, Any], second: dict[str, Any], count: int = 2,
+                      ) -> tuple[list[int], str]:
+    """The ``count`` classes where two rows differ most (dominant share on the training images,
+    plus test accuracy), and a sentence that says so."""
+    labels = first["test_labels"].cpu()
+    accuracy = [
+        torch.zeros(len(r["train"]["class_share"])).index_add_(
+            0, labels, (r["final"]["predictions"].cpu() == labels).float())
+        / torch.bincount(labels, minlength=len(r["train"]["class_share"])).clamp_min(1)
+        for r in (first, second)
     ]
-    return "\n".join(lines) + "\n"
+    shares = [r["train"]["class_share"].cpu().nan_to_num(0.0) for r in (first, second)]
+    gap = (shares[0] - shares[1]).abs() + (accuracy[0] - accuracy[1]).abs()
+    classes = sorted(gap.argsort(descending=True, stable=True)[:count].tolist())
+    shown = "; ".join(
+        f"class {c}: dominant share {shares[0][c]:.2f} vs {shares[1][c]:.2f}, test accuracy "
+        f"{100 * accuracy[0][c]:.0f}% vs {100 * accuracy[1][c]:.0f}%"
+        for c in classes
+    )
+    return classes, f"uncured and defaults differ most ({shown})"

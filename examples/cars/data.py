@@ -28,7 +28,10 @@ import numpy as np
 import scipy.io
 import torch
 from PIL import Image
+from scipy.io.matlab import MatReadError
 from torch.utils.data import Dataset
+
+from cars import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ LAYOUTS = ("original", "coop", "folders")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UsageError):
     """The dataset files are missing or incomplete; the message lists what was expected where."""
 
 
@@ -220,7 +223,13 @@ def load_stanford_cars(
             where they were looked for and which are missing, including missing image files.
     """
     name, base = find_layout(root, layout, split_file)
-    splits = _LOADERS[name](base, split_file)
+    try:
+        splits = _LOADERS[name](base, split_file)
+    except (ValueError, TypeError, KeyError, IndexError, OSError, MatReadError) as error:
+        raise DatasetNotFoundError(
+            f"{base}: expected the files of Stanford Cars' {name} layout, got files that cannot "
+            f"be read ({type(error).__name__}: {error})"
+        ) from None
     for part, samples in (("train", splits.train), ("test", splits.test)):
         if not samples:
             raise DatasetNotFoundError(
@@ -291,8 +300,6 @@ def subsample_classes(
         >>> names, [(s.path.name, s.label) for s in kept]
         (['c'], [('2.jpg', 0), ('5.jpg', 0)])
     """
-    if which not in ("all", "base", "new"):
-        raise ValueError(f"data.subsample_classes must be all, base or new but is '{which}'.")
     if which == "all":
         return list(classnames), list(samples)
     middle = math.ceil(len(classnames) / 2)
@@ -302,6 +309,39 @@ def subsample_classes(
         [classnames[label] for label in kept],
         [Sample(s.path, relabel[s.label]) for s in samples if s.label in relabel],
     )
+
+
+@dataclass
+class FewShot:
+    """A run's data: its classes, its few-shot training images and the test images."""
+
+    classnames: list[str]
+    train: list[Sample]
+    test: list[Sample]
+    root: Path
+
+    def train_files(self) -> list[str]:
+        """The training images relative to the dataset folder (which may move between runs)."""
+        return [str(sample.path.relative_to(self.root)) for sample in self.train]
+
+
+def load_few_shot(
+    root: str | Path, layout: str, split_file: str, *, shots: int | None, seed: int, which: str
+) -> FewShot:
+    """Stanford Cars, ``shots`` training images per class and the ``which`` half of the classes.
+
+    The shots are drawn over all classes before the base/new filter (CoCoOp's order), so a
+    seed picks the same images in every setting.
+    """
+    splits = load_stanford_cars(root, layout, split_file)
+    drawn = few_shot(splits.train, shots, seed)
+    classnames, train = subsample_classes(splits.classnames, drawn, which)
+    _, test = subsample_classes(splits.classnames, splits.test, which)
+    logger.info(
+        "%s shots per class, seed %d, %s classes (%d): %d training and %d test images",
+        shots or "all", seed, which, len(classnames), len(train), len(test),
+    )
+    return FewShot(classnames, train, test, splits.root)
 
 
 def load_image(path: Path) -> Image.Image:

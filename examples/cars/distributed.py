@@ -6,13 +6,19 @@ Start a multi-GPU run with ``torchrun --nproc_per_node=N examples/train_cars.py 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from cars import Stopped, UsageError
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ def _pick_device(choice: str, local_rank: int, local_world_size: int = 1) -> tor
     `"cuda"` that is an error.
     """
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=auto.")
+        raise UsageError("train.device: expected auto or cpu on this machine (no CUDA), got cuda")
     if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     available = torch.cuda.device_count()
@@ -52,7 +58,7 @@ def _pick_device(choice: str, local_rank: int, local_world_size: int = 1) -> tor
             f"torchrun with --nproc_per_node={available} or fewer"
         )
         if choice == "cuda":
-            raise RuntimeError(f"train.device=cuda but {message}.")
+            raise UsageError(f"train.device=cuda: {message}")
         warnings.warn(f"{message}; every process runs on the CPU (gloo).", stacklevel=2)
         return torch.device("cpu")
     return torch.device("cuda", local_rank)
@@ -77,10 +83,23 @@ def setup_runtime(device_choice: str = "auto") -> Runtime:
     return Runtime(dist.get_rank(), dist.get_world_size(), device)
 
 
-def teardown(runtime: Runtime) -> None:
-    """Leave the process group."""
-    if runtime.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+@contextlib.contextmanager
+def session(device_choice: str = "auto") -> Iterator[Runtime]:
+    """:func:`setup_runtime` for the duration of a run, then leave the process group."""
+    runtime = setup_runtime(device_choice)
+    try:
+        yield runtime
+    finally:
+        if runtime.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def wrap(module: nn.Module, runtime: Runtime) -> nn.Module:
+    """``module`` in ``DistributedDataParallel`` (gradients averaged) when there are processes."""
+    if not runtime.distributed:
+        return module
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
 
 def all_reduce_mean(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
@@ -99,6 +118,26 @@ def any_process(flag: bool, runtime: Runtime) -> bool:
     value = torch.tensor([float(flag)], device=runtime.device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def check_finite(
+    values: dict[str, torch.Tensor], epoch: int, step: int, runtime: Runtime, record: Any
+) -> None:
+    """Stop every process before an update with NaN or inf (on any of them): the last checkpoint
+    and the metrics stay good. ``record`` writes the values to the metrics first."""
+    finite = bool(torch.isfinite(torch.stack(list(values.values()))).all())
+    if not any_process(not finite, runtime):
+        return
+    numbers = {name: value.item() for name, value in values.items()}
+    record({"event": "nonfinite", "epoch": epoch, "step": step} | numbers)
+    what = "gradient norm" if "gradient norm" in numbers else "loss"
+    shown = ", ".join(f"{name}={value:.4g}" for name, value in numbers.items())
+    raise Stopped(
+        f"non-finite {what} at epoch {epoch}, step {step} ({shown}); stopped before the update, "
+        "the last checkpoint is good: try a lower train.lr, train.grad_clip_norm or "
+        "train.precision=fp32",
+        1,
+    )
 
 
 def all_gather_objects(obj: Any, runtime: Runtime) -> list[Any]:

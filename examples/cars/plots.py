@@ -13,15 +13,29 @@ matplotlib.use("Agg")  # files only: no display on a training node
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from cars_data import Sample, load_image
+import torch.nn.functional as F
 from matplotlib.colors import BoundaryNorm
 from matplotlib.figure import Figure, SubFigure
 from matplotlib.patches import Rectangle
+from omegaconf import DictConfig
+
+from cars import UsageError
+from cars.data import FewShot, Sample, load_image
+from cars.files import RunFolder, atomic_write, read_records
 
 
-def _save(figure: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
+def check_classes(class_ids: Sequence[int], num_classes: int) -> None:
+    """Refuse ``output.plot_classes`` that the dataset does not have, before anything runs."""
+    missing = [c for c in class_ids if not 0 <= c < num_classes]
+    if missing:
+        raise UsageError(
+            f"output.plot_classes: expected classes of this dataset (0 to {num_classes - 1}), "
+            f"got {list(class_ids)}"
+        )
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    atomic_write(path, lambda file: figure.savefig(file, format="png", bbox_inches="tight"))
     plt.close(figure)
     return path
 
@@ -92,6 +106,7 @@ def compare_galleries(
     classnames: Sequence[str],
     top_n: int,
     path: Path,
+    title: str = "",
 ) -> Path:
     """Several runs' galleries side by side: one column per run, one row per class.
 
@@ -101,6 +116,7 @@ def compare_galleries(
         classnames: all class names, for the titles.
         top_n: images per sub-prompt at most.
         path: the PNG to write.
+        title: says why these classes are shown.
     """
     k = max(gamma.shape[1] for _, _, gamma in runs)
     figure = plt.figure(
@@ -110,8 +126,10 @@ def compare_galleries(
     panels = figure.subfigures(len(class_ids), len(runs), squeeze=False, wspace=0.04)
     for row, class_id in enumerate(class_ids):
         for column, (name, samples, gamma) in enumerate(runs):
-            title = f"{name}: {classnames[class_id][:30]} (class {class_id})"
-            _draw_gallery(panels[row, column], samples, gamma, class_id, top_n, title)
+            label = f"{name}: {classnames[class_id][:30]} (class {class_id})"
+            _draw_gallery(panels[row, column], samples, gamma, class_id, top_n, label)
+    if title:
+        figure.suptitle(title, fontsize=10, wrap=True)
     return _save(figure, path)
 
 
@@ -290,44 +308,36 @@ def training_curves(
 
 
 def draw_all(
-    *,
-    samples: Sequence[Sample],
+    output: DictConfig,
+    folder: RunFolder,
+    data: FewShot,
     responsibilities: torch.Tensor,
-    pairwise: torch.Tensor,
-    classnames: Sequence[str],
-    class_ids: Sequence[int],
-    top_n: int,
-    records: Sequence[dict[str, Any]],
-    folder: Path,
-    cosine_threshold: float = 0.9,
-    share_threshold: float = 0.9,
+    subprompts: torch.Tensor,
 ) -> list[Path]:
-    """Every picture of a run, into ``folder``; returns their paths."""
-    chosen = [c for c in dict.fromkeys(class_ids) if 0 <= c < len(classnames)]
+    """Every picture of a run into ``folder.plots``, from its final sub-prompts ``(C, K, dim)``
+    and their responsibilities for the training images ``(N, K)``."""
+    chosen = list(dict.fromkeys(output.plot_classes))
+    unit = F.normalize(subprompts.float(), dim=-1)
     paths = [
         subprompt_gallery(
-            samples,
-            responsibilities,
-            c,
-            classnames[c],
-            top_n,
-            folder / f"subprompts_class{c:03d}.png",
+            data.train, responsibilities, c, data.classnames[c], output.plot_top_images,
+            folder.plots / f"subprompts_class{c:03d}.png",
         )
         for c in chosen
     ]
-    paths.append(responsibility_histogram(responsibilities, folder / "responsibilities.png"))
+    paths.append(responsibility_histogram(responsibilities, folder.plots / "responsibilities.png"))
     paths.append(
         similarity_heatmaps(
-            pairwise, chosen, classnames, folder / "similarity.png", threshold=cosine_threshold
+            unit @ unit.transpose(1, 2), chosen, data.classnames, folder.plots / "similarity.png",
+            threshold=output.collapse_cosine_threshold,
         )
     )
     paths.append(
         training_curves(
-            records,
-            folder / "training_curves.png",
+            read_records(folder.metrics), folder.plots / "training_curves.png",
             n_subprompts=responsibilities.shape[1],
-            cosine_threshold=cosine_threshold,
-            share_threshold=share_threshold,
+            cosine_threshold=output.collapse_cosine_threshold,
+            share_threshold=output.collapse_share_threshold,
         )
     )
     return paths
