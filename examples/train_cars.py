@@ -330,9 +330,10 @@ def train(cfg: DictConfig, runtime: distributed.Runtime, run_log: files.RunLog,
                 done["test_accuracy"] = score(subprompts, *test_set)["accuracy"]
                 line += f", test top-1 {done['test_accuracy']:.2f}%"
             logger.info("%s, tau %.3f [%.1fs]", line, done["tau"], time.perf_counter() - seconds)
-            logger.debug("epoch %d: %s", epoch, on_train["report"].message)
-            if learner.n_subprompts > 1 and on_train["collapse"]:  # K = 1 cannot collapse
-                logger.warning("epoch %d: %s", epoch, on_train["collapse"])
+            if learner.n_subprompts > 1:  # one prompt per class cannot collapse
+                logger.debug("epoch %d: %s", epoch, on_train["report"].message)
+                if on_train["collapse"]:
+                    logger.warning("epoch %d: %s", epoch, on_train["collapse"])
             metrics.write(done)
             checkpoints.save(epoch, step)
 

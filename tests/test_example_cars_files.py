@@ -93,10 +93,10 @@ def test_checkpoint_gets_the_permissions_of_a_normal_file(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("content", "got"),
     [
-        (b"", "a file torch cannot read"),
-        (b"model:\n  n_subprompts: 4\n", "a file torch cannot read"),
-        (None, "a file torch cannot read"),  # a real checkpoint cut in half
-        (b"{}", "a file torch cannot read"),
+        (b"", "an empty file"),
+        (b"model:\n  n_subprompts: 4\n", "a text file"),
+        (None, "a truncated checkpoint"),  # a real checkpoint cut in half
+        (b"\x80\x02}q\x00.\xff", "a file torch cannot read"),
     ],
 )
 def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(

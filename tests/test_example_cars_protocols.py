@@ -219,7 +219,7 @@ def test_demo_compares_three_rows_and_its_checkpoint_can_be_evaluated(
     monkeypatch.setattr(cars_demo, "pretrain_tiny_clip", short)
     docs, output = tmp_path / "docs", tmp_path / "out"
     status, out, _ = run(capsys, "--demo", "--output-dir", output, "--write-docs", docs,
-                         "train.epochs=1")
+                         "train.epochs=1", "output.plot_classes=[0]")
     assert status == train_cars.EXIT_OK
     table = (docs / "demo_results.md").read_text().splitlines()
     assert table[0].startswith("| run | accuracy | dominant share | effective K |")

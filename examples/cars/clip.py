@@ -72,7 +72,7 @@ def _tiny(pretrained: str | None) -> tuple[Any, Any, Any]:
             )
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except Exception as error:
+        except Exception as error:  # whatever torch or open_clip raise on a foreign file
             raise _not_weights(pretrained, TINY_CLIP_NAME, error) from None
     preprocess = open_clip.get_model_preprocess_cfg(model)
     train, test = (
@@ -136,7 +136,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         huggingface_hub.utils.get_session().head(
             huggingface_hub.constants.ENDPOINT, timeout=timeout
         )
-    except Exception:
+    except Exception:  # any failure to connect means: offline
         return False
     return True
 
@@ -175,7 +175,7 @@ def load_clip(model_cfg: DictConfig, device: torch.device) -> Clip:
             model, train_transform, eval_transform = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained
             )
-        except Exception as error:
+        except Exception as error:  # whatever torch or open_clip raise on a foreign file
             if is_file:
                 raise _not_weights(pretrained, name, error) from None
             if "download" in str(error).lower():

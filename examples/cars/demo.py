@@ -426,8 +426,9 @@ class World:
                 copies[source] = docs / f"{name.replace(' ', '_')}_{picture}"
         for source, target in copies.items():
             files.atomic_write(target, lambda file, source=source: file.write(source.read_bytes()))
-        # The log without its clock times, and with the demo's folder as the reader would name it.
-        text = (self.folder / "demo.log").read_text()
+        # The log without its clock times and details, and the demo's folder named as by a reader.
+        text = "".join(line for line in (self.folder / "demo.log").read_text().splitlines(True)
+                       if " DEBUG " not in line[:16])
         text = text.replace(str(self.folder.resolve()), "runs/cars_demo")
         text = text.replace(str(self.folder), "runs/cars_demo")
         files.write_text(docs / "demo.log", re.sub(r"(?m)^\d\d:\d\d:\d\d ", "", text))
@@ -447,7 +448,10 @@ def differing_classes(first: dict[str, Any], second: dict[str, Any], count: int 
     ]
     shares = [r["train"]["class_share"].cpu().nan_to_num(0.0) for r in (first, second)]
     gap = (shares[0] - shares[1]).abs() + (accuracy[0] - accuracy[1]).abs()
-    classes = sorted(gap.argsort(descending=True, stable=True)[:count].tolist())
+    classes = sorted(c for c in gap.argsort(descending=True, stable=True)[:count].tolist()
+                     if gap[c] > 0.01)
+    if not classes:
+        return [0], "uncured and defaults agree (class 0 shown)"
     shown = "; ".join(
         f"class {c}: dominant share {shares[0][c]:.2f} vs {shares[1][c]:.2f}, test accuracy "
         f"{100 * accuracy[0][c]:.0f}% vs {100 * accuracy[1][c]:.0f}%"

@@ -20,6 +20,7 @@ import os
 import random
 import sys
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -161,11 +162,9 @@ def read_checkpoint(path: Path, flag: str) -> dict[str, Any]:
         raise UsageError(f"{flag} {path}: expected a train_cars.py checkpoint, got {got}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        reason = type(error).__name__ + (f": {str(error).strip()}" if str(error).strip() else "")
+    except Exception as error:  # whatever a foreign or cut file makes torch raise
         raise UsageError(
-            f"{flag} {path}: expected a train_cars.py checkpoint, got a file torch cannot read "
-            f"(truncated or not a checkpoint: {reason.splitlines()[0][:120]})"
+            f"{flag} {path}: expected a train_cars.py checkpoint, got {_what_file(path, error)}"
         ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         got = (
@@ -208,6 +207,20 @@ class Checkpoints:
         restore_rng_state(checkpoint["rng"][self.runtime.rank % len(checkpoint["rng"])])
         self.saved = (checkpoint["epoch"], checkpoint["step"])
         return self.saved
+
+
+def _what_file(path: Path, error: Exception) -> str:
+    """What a file that ``torch.load`` refused is, in a few words."""
+    head = path.read_bytes()[:1024]
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return "a truncated checkpoint (its end is missing: a copy or a save cut short)"
+    with contextlib.suppress(UnicodeDecodeError):
+        head.decode("utf-8")
+        return "a text file"
+    reason = f"{type(error).__name__}: {error}".strip().splitlines()[0][:120]
+    return f"a file torch cannot read ({reason})"
 
 
 def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -356,10 +369,10 @@ def collapse_line(report: Any, share: torch.Tensor, classnames: list[str]) -> st
     if not report.collapsed:
         return None
     worst = sorted(report.collapsed_classes, key=lambda c: -share[c].nan_to_num(1.0))[:3]
-    named = ", ".join(f"{c} '{classnames[c][:20]}' {share[c]:.2f}" for c in worst)
+    named = ", ".join(f"{c} '{classnames[c][:20]}' ({report.reasons[c][0]})" for c in worst)
     return (
-        f"collapse in {len(report.collapsed_classes)}/{len(classnames)} classes; worst (dominant "
-        f"share): {named}; details in train.log"
+        f"collapse in {len(report.collapsed_classes)}/{len(classnames)} classes, e.g. {named}; "
+        "all of them in train.log"
     )
 
 
@@ -415,7 +428,7 @@ class _Terminal(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             tqdm.write(self.format(record), file=self.stream)
-        except Exception:
+        except Exception:  # logging's own convention
             self.handleError(record)
 
 
