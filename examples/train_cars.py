@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,10 +57,11 @@ def given(**options: Any) -> dict[str, Any]:
 
 
 def command(*arguments: object) -> str:
-    """The command that runs this script with ``arguments``, as the user would type it."""
+    """The command that runs this script with ``arguments``: this Python, this file."""
+    python = "python" if shutil.which("python") == sys.executable else sys.executable
     script = os.path.relpath(__file__)
     script = __file__ if script.startswith("..") else script
-    return " ".join(["python", script, *map(str, arguments)])
+    return " ".join([python, script, *map(str, arguments)])
 
 
 # --- CLIP's text side: the learner -------------------------------------------------------------
@@ -455,9 +457,12 @@ def main(argv: list[str] | None = None) -> int:
                     result = train(cfg, runtime, run_log, resume)
                 if runtime.is_main:
                     final, start = result["final"], result["start"]
+                    report = result["train"]["report"]
                     print(f"{final['accuracy']:.2f}% test top-1"
                           + (f" ({start['accuracy']:.2f}% at step 0)" if start else "")
-                          + f", {final['report'].message}; run in {result['folder']}")
+                          + f"; dominant share {report.dominant_share:.2f}, effective K "
+                          f"{report.effective_subprompts:.2f}, {len(report.collapsed_classes)} "
+                          f"collapsed classes; run in {result['folder']}")
             return EXIT_OK
         except UsageError as error:
             for message in error.messages:

@@ -29,7 +29,7 @@ from cars import UsageError
 from cars.config import TINY_CLIP_NAME
 from cars.data import ImageDataset, Sample
 from cars.distributed import Runtime, gather_shards, shard_indices
-from cars.files import derive_seed
+from cars.files import derive_seed, describe
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +86,10 @@ def _tiny(pretrained: str | None) -> tuple[Any, Any, Any]:
 
 
 def _not_weights(path: str, name: str, error: Exception) -> UsageError:
-    reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
-    return UsageError(
-        f"model.pretrained {path}: expected weights of {name}, got a file that does not load "
-        f"into it ({type(error).__name__}: {reason})"
-    )
+    got = describe(Path(path).expanduser(), error)
+    if got.startswith("a file torch cannot read"):
+        got = f"a file that does not load into it{got[len('a file torch cannot read'):]}"
+    return UsageError(f"model.pretrained {path}: expected weights of {name}, got {got}")
 
 
 def _check_names(name: str, pretrained: str | None) -> None:

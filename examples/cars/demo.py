@@ -421,7 +421,8 @@ class World:
         files.write_text(docs / "demo_results.md", table)
         copies = {gallery: docs / "galleries.png"}
         for name, cfg in self.rows.items():
-            for picture in ("training_curves.png", "similarity.png"):
+            pictures = ("training_curves.png", "similarity.png")
+            for picture in pictures[: 2 if cfg.model.n_subprompts != 1 else 1]:
                 source = Path(cfg.output.output_dir) / "plots" / picture
                 copies[source] = docs / f"{name.replace(' ', '_')}_{picture}"
         for source, target in copies.items():

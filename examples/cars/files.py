@@ -164,7 +164,7 @@ def read_checkpoint(path: Path, flag: str) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # whatever a foreign or cut file makes torch raise
         raise UsageError(
-            f"{flag} {path}: expected a train_cars.py checkpoint, got {_what_file(path, error)}"
+            f"{flag} {path}: expected a train_cars.py checkpoint, got {describe(path, error)}"
         ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         got = (
@@ -209,7 +209,7 @@ class Checkpoints:
         return self.saved
 
 
-def _what_file(path: Path, error: Exception) -> str:
+def describe(path: Path, error: Exception) -> str:
     """What a file that ``torch.load`` refused is, in a few words."""
     head = path.read_bytes()[:1024]
     if not head:
