@@ -85,7 +85,8 @@ def build_learner(cfg: DictConfig, clip: Clip, classnames: list[str]) -> nn.Modu
                     gradient_checkpointing=m.gradient_checkpointing),
         )
     except (ValueError, TypeError) as error:  # e.g. n_ctx against the default ctx_init's tokens
-        raise UsageError(f"model ({m.learner} learner): {error}") from None
+        hint = " (model.ctx_init=random: CoOp's random context)" if "n_ctx" in str(error) else ""
+        raise UsageError(f"model ({m.learner} learner): {error}{hint}") from None
 
 
 # --- The loss ----------------------------------------------------------------------------------
@@ -416,22 +417,7 @@ def evaluate_checkpoint(args: Any, run_log: files.RunLog) -> dict[str, Any]:
     return numbers
 
 
-# --- The demo and the command line ---------------------------------------------------------------
-
-
-def run_demo(args: Any, run_log: files.RunLog) -> None:
-    """``--demo``: its world (``cars/demo.py``), then each row's recipe trained by :func:`train`."""
-    world = demo.World(args.output_dir, args.config, args.overrides)  # checked, nothing written
-    with distributed.session(world.device) as runtime, demo.one_thread():
-        if runtime.distributed:
-            raise UsageError("--demo: expected one process, got a torchrun job")
-        world.build(run_log)  # the synthetic cars and the tiny CLIP, under the demo's folder
-        results = {}
-        for name, cfg in world.rows.items():
-            logger.info("demo row '%s': %s", name, world.recipes[name])
-            results[name] = train(cfg, runtime, run_log, log_since=run_log.mark())
-    print(world.report(results, args.write_docs), end="")
-    print("evaluate a row's checkpoint with:", command("--evaluate", world.checkpoint("defaults")))
+# --- The command line ----------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     with files.logging_to(int(os.environ.get("RANK", "0"))) as run_log:
         try:
             args = parse_args(argv)
-            if args.demo:
-                run_demo(args, run_log)
+            if args.demo:  # the demo's world, and each of its rows trained by train()
+                demo.run(args, run_log, train=train, command=command)
             elif args.evaluate is not None:
                 numbers = evaluate_checkpoint(args, run_log)
                 print(f"{numbers['test_accuracy']:.2f}% test top-1 on the {numbers['classes']} "

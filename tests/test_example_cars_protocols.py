@@ -96,6 +96,20 @@ def test_base_to_new_grid_trains_on_base_and_tests_new_as_its_own_problem(
     assert "(published: Zhou et al., CVPR 2022, Table 1)" in table
 
 
+def test_the_grid_continues_a_run_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    monkeypatch.setattr(train_cars, "main", lambda argv: calls.append(argv) or 0)
+    started = tmp_path / "few_shot" / "shots1_seed1"
+    (started / "checkpoints").mkdir(parents=True)
+    (started / "checkpoints" / "last.pt").write_bytes(b"")
+    argv = ["few-shot", "--data-root", "cars", "--output-dir", str(tmp_path), "--shots", "1,2"]
+    assert cars_grid.main([*argv, "--seeds", "1"]) == 0
+    assert [("--resume" in call, call[call.index("--output-dir") + 1]) for call in calls] == [
+        (True, str(started)), (False, str(tmp_path / "few_shot" / "shots2_seed1"))]
+
+
 def test_class_specific_prompts_cannot_be_evaluated_on_new_classes(
     data_root: Path, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image
 
-from cars import UsageError, files, plots
+from cars import Stopped, UsageError, files, plots
 from cars.clip import TINY_TOKENIZER, tiny_clip
 from cars.config import load, override_keys
+from cars.distributed import session
 
 logger = logging.getLogger(__name__)
 
@@ -312,6 +313,32 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 #: Settings the demo decides itself: its data, its CLIP and its folders.
 OWN = ("data.", "model.clip_name", "model.pretrained", "model.tokenizer", "output.output_dir")
+
+
+def run(args: Any, run_log: files.RunLog, *, train: Callable[..., dict[str, Any]],
+        command: Callable[..., str]) -> None:
+    """``train_cars.py --demo``: the world, then each row trained by ``train`` (the script's);
+    the table and the command that evaluates a row's checkpoint go to stdout."""
+    world = World(args.output_dir, args.config, args.overrides)  # checked, nothing written yet
+    with session(world.device) as runtime, one_thread():
+        if runtime.distributed:
+            raise UsageError("--demo: expected one process, got a torchrun job")
+        results, name = {}, "set-up"
+        try:
+            world.build(run_log)  # the synthetic cars and the tiny CLIP, under the demo's folder
+            for name, cfg in world.rows.items():
+                logger.info("demo row '%s': %s", name, world.recipes[name])
+                results[name] = train(cfg, runtime, run_log, log_since=run_log.mark())
+        except (KeyboardInterrupt, Stopped) as stop:
+            if isinstance(stop, Stopped) and stop.status != 130:
+                raise
+            raise Stopped(
+                f"interrupted in the demo's {name}; what it wrote is in {world.folder}; start it "
+                f"again with: {command('--demo')}",
+                130,
+            ) from None
+    print(world.report(results, args.write_docs), end="")
+    print("evaluate a row's checkpoint with:", command("--evaluate", world.checkpoint("defaults")))
 
 
 @contextlib.contextmanager

@@ -92,6 +92,8 @@ def _train_cars(args: argparse.Namespace, output: Path, *extra: str) -> None:
         return
     argv = [*(["--config", str(args.config)] if args.config else [])]
     argv += ["--data-root", str(args.data_root), "--output-dir", str(output)]
+    if (output / "checkpoints" / "last.pt").exists():  # a run the grid started: continue it
+        argv.append("--resume")
     status = train_cars.main([*argv, *extra, *args.overrides])
     if status != train_cars.EXIT_OK:
         raise SystemExit(status)
