@@ -197,3 +197,23 @@ def test_failed_download_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_rising_temperature_schedule_warns() -> None:
     with pytest.warns(UserWarning, match=r"model.em_tau_start \(0.05\) is below model.em_tau_end"):
         cars_config.load(None, ["model.em_tau_start=0.05", "model.em_tau_end=1.0"])
+
+
+def test_unset_options_are_not_passed_so_the_library_defaults_apply() -> None:
+    from cars_fixtures import train_cars
+
+    import promptmix
+
+    cfg = cars_config.load(None, ["model.assignment=sinkhorn"])
+    loss = train_cars.build_loss(cfg, None, ["a", "b"], 2, 10, sync=False)
+    default = promptmix.MixtureOfPromptsLoss()
+    assert loss.assigner.sinkhorn_iterations == promptmix.SoftEMAssigner().sinkhorn_iterations
+    assert (loss.mixture_weight, loss.entropy_weight, loss.diversity_weight) == (
+        default.mixture_weight, default.entropy_weight, default.diversity_weight)
+    assert loss.entropy.mode == default.entropy.mode and loss.aggregation == default.aggregation
+    schedule = promptmix.TemperatureSchedule(total_steps=10)
+    assert (loss.schedule.start, loss.schedule.end, loss.schedule.kind) == (
+        schedule.start, schedule.end, schedule.kind)
+    set_ = cars_config.load(None, ["model.sinkhorn_iterations=7", "model.entropy_mode=sample"])
+    loss = train_cars.build_loss(set_, None, ["a", "b"], 2, 10, sync=False)
+    assert loss.assigner.sinkhorn_iterations == 7 and loss.entropy.mode == "sample"

@@ -237,6 +237,17 @@ def test_evaluate_writes_a_folder_of_its_own_and_never_touches_the_run(
     assert _hashes(trained) == after
 
 
+def test_evaluate_with_other_model_settings_names_them(
+    trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _hashes(trained)
+    (line,) = _refused(capsys, "--evaluate", trained / "checkpoints" / "last.pt",
+                       "model.n_subprompts=3", "model.learner=offset")
+    assert "expected the model settings it was trained with, got other ones (" in line
+    assert "model.learner: 'mixture' -> 'offset'; model.n_subprompts: 2 -> 3)" in line
+    assert _hashes(trained) == before
+
+
 def test_evaluate_does_no_training_time_work(
     trained: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
