@@ -136,6 +136,7 @@ def test_context_length_must_match_its_words() -> None:
         (b"- model\n- train\n", "expected a mapping of sections (model:, data:, train:, output:), "
          "got a list"),
         (b"model: 3\n", "model in {path}: expected a mapping of keys, got 3"),
+        (b"data:\n  # layout: auto\ntrain:\n  epoch: 2\n", "unknown key 'train.epoch'"),
     ],
 )
 def test_a_config_file_that_is_no_mapping_is_named(

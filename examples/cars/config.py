@@ -277,6 +277,8 @@ def _leaves(node: Any, source: str, errors: list[str], prefix: str = "") -> list
         key = f"{prefix}{name}"
         if isinstance(value, Mapping):
             leaves += _leaves(value, source, errors, f"{key}.")
+        elif key in ("model", "data", "train", "output") and value is None:
+            continue  # a section with every key commented out
         elif key in ("model", "data", "train", "output"):
             errors.append(f"{key} in {source}: expected a mapping of keys, got {value!r}")
         else:

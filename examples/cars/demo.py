@@ -298,8 +298,9 @@ NUM_CLASSES = 8
 RECIPES: dict[str, dict[str, Any]] = {
     # CoOp's reference: one prompt per class, cross-entropy only, from the class's text prompt.
     "one prompt": {
-        "model.n_subprompts": 1, "model.init": "text", "model.mixture_loss_weight": 0.0,
-        "model.entropy_loss_weight": 0.0, "model.diversity_loss_weight": 0.0,
+        "model.n_subprompts": 1, "model.init": "text", "model.init_noise_std": 0.0,
+        "model.mixture_loss_weight": 0.0, "model.entropy_loss_weight": 0.0,
+        "model.diversity_loss_weight": 0.0,
     },
     # The mixture as it was before promptmix: tau annealed 1 -> 0.05, EM pull 1, nothing against
     # collapse, every sub-prompt from the class's text prompt plus noise.
