@@ -255,7 +255,7 @@ class Trainer:
         training E-step is, so Sinkhorn's balancing cannot hide a sub-prompt that wins nothing.
         """
         # Without sync_distributed: every process holds all the training features.
-        assigner = promptmix.SoftEMAssigner("soft", scale=self.objective.assigner.scale)
+        assigner = promptmix.SoftEMAssigner(logit_scale=self.objective.assigner.logit_scale)
         responsibilities = assigner(image_features, subprompts, labels, tau=self.tau)
         output = self.cfg.output
         report = promptmix.detect_collapse(
@@ -265,7 +265,9 @@ class Trainer:
             cosine_threshold=output.collapse_cosine_threshold,
             share_threshold=output.collapse_share_threshold,
         )
-        usage = promptmix.diagnostics.subprompt_usage(responsibilities, labels, len(subprompts))
+        usage = promptmix.diagnostics.subprompt_usage(
+            responsibilities, labels, num_classes=len(subprompts)
+        )
         return Diagnostics(
             report,
             responsibilities,

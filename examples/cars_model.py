@@ -242,26 +242,32 @@ def build_regularizers(
         templates = hand_crafted_features(clip, classnames, list(model.hand_crafted_templates))
         ensemble = torch.nn.functional.normalize(templates.mean(0), dim=-1)
         if model.anchor_loss_weight:
-            anchor = promptmix.PromptAnchor(model.anchor_distance, anchor_features=ensemble)
+            anchor = promptmix.PromptAnchor(
+                distance=model.anchor_distance, anchor_features=ensemble
+            )
             regularizers["anchor"] = (anchor, model.anchor_loss_weight)
         if model.zero_shot_loss_weight:
+            # The config's "batchmean" is promptmix's "mean"; its "mean" is PromptSRC's division
+            # by batch * classes, promptmix's average_over_classes=True.
+            reduction = model.zero_shot_reduction
             consistency = promptmix.ZeroShotConsistency(
-                model.zero_shot_temperature,
-                model.zero_shot_reduction,
+                temperature=model.zero_shot_temperature,
+                reduction="sum" if reduction == "sum" else "mean",
+                average_over_classes=reduction == "mean",
                 zero_shot_text_features=ensemble,
                 logit_scale=clip.logit_scale,
             )
             regularizers["zero_shot"] = (consistency, model.zero_shot_loss_weight)
         if model.text_to_text_loss_weight:
             text_to_text = promptmix.TextToTextLoss(
-                clip.logit_scale,
-                model.aggregation,
+                logit_scale=clip.logit_scale,
+                aggregation=model.aggregation,
                 noise_std=model.text_to_text_noise_std,
                 template_features=templates,
             )
             regularizers["text_to_text"] = (text_to_text, model.text_to_text_loss_weight)
     if model.dispersion_loss_weight:
-        dispersion = promptmix.InterClassDispersion(model.dispersion_bandwidth)
+        dispersion = promptmix.InterClassDispersion(bandwidth=model.dispersion_bandwidth)
         regularizers["dispersion"] = (dispersion, model.dispersion_loss_weight)
     return regularizers
 
@@ -294,16 +300,16 @@ def build_objective(
         aggregation=model.aggregation,
         tau=schedule,
         assigner=promptmix.SoftEMAssigner(
-            model.assignment,
+            mode=model.assignment,
             sinkhorn_iterations=model.sinkhorn_iterations,
             sync_distributed=sync_distributed,
         ),
         entropy=promptmix.AssignmentEntropy(
-            model.entropy_mode,
-            num_classes=num_classes,
-            n_subprompts=model.n_subprompts,
-            sync_distributed=sync_distributed,
+            mode=model.entropy_mode, sync_distributed=sync_distributed
         ),
+        usage_estimate=None
+        if model.entropy_mode == "sample"
+        else promptmix.UsageEstimate(num_classes=num_classes, n_subprompts=model.n_subprompts),
         regularizers=build_regularizers(cfg, clip, classnames),
         sync_distributed=sync_distributed,
     )

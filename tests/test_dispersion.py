@@ -61,7 +61,9 @@ class TestInterClassDispersion:
     def test_own_subprompt_pairs_are_left_out(self) -> None:
         # Class 0's two sub-prompts coincide (cost 1 if counted); every other pair is orthogonal.
         features = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]] * 2])
-        torch.testing.assert_close(InterClassDispersion(1.0)(features), torch.tensor(math.exp(-2)))
+        torch.testing.assert_close(
+            InterClassDispersion(bandwidth=1.0)(features), torch.tensor(math.exp(-2))
+        )
 
     def test_single_class_is_a_connected_zero(self) -> None:
         features = torch.randn(1, 3, 8, requires_grad=True)
@@ -75,7 +77,8 @@ class TestInterClassDispersion:
     def test_module_equals_functional(self) -> None:
         features = torch.randn(4, 3, 8)
         torch.testing.assert_close(
-            InterClassDispersion(0.5)(features), PF.dispersion_loss(features, bandwidth=0.5)
+            InterClassDispersion(bandwidth=0.5)(features),
+            PF.dispersion_loss(features, bandwidth=0.5),
         )
 
     def test_gradient_spreads_the_classes(self) -> None:
@@ -109,7 +112,7 @@ class TestInterClassDispersion:
 class TestImagePrototypeLoss:
     def test_prototypes_and_value_match_dapt(self) -> None:
         frozen, labels = torch.randn(9, 8), torch.tensor([0, 1, 2] * 3)
-        prototypes = PF.class_prototypes(frozen, labels, 4)
+        prototypes = PF.class_prototypes(frozen, labels, num_classes=4)
         normed = F.normalize(frozen, dim=-1)
         for c in range(3):
             torch.testing.assert_close(prototypes[c], normed[labels == c].mean(0))
@@ -134,17 +137,17 @@ class TestImagePrototypeLoss:
         images = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
         prototypes, labels = torch.randn(3, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
         assert torch.autograd.gradcheck(
-            lambda x: PF.image_prototype_loss(x, prototypes, labels), (images,)
+            lambda x: PF.image_prototype_loss(x, labels, prototypes), (images,)
         )
         for dtype in (torch.float16, torch.bfloat16):
             half = images.detach().to(dtype).requires_grad_()
-            loss = PF.image_prototype_loss(half, prototypes.to(dtype), labels)
+            loss = PF.image_prototype_loss(half, labels, prototypes.to(dtype))
             loss.backward()
             assert torch.isfinite(loss) and torch.isfinite(half.grad).all()
 
     def test_empty_batch_is_a_connected_zero(self) -> None:
         images = torch.randn(0, 8, requires_grad=True)
-        loss = PF.image_prototype_loss(images, torch.randn(3, 8), torch.zeros(0, dtype=torch.long))
+        loss = PF.image_prototype_loss(images, torch.zeros(0, dtype=torch.long), torch.randn(3, 8))
         assert loss.item() == 0.0 and loss.requires_grad
 
 
