@@ -31,7 +31,6 @@ import torch
 import promptmix
 import promptmix.functional as PF
 from promptmix import (
-    AssignmentEntropy,
     DiversityLoss,
     GaussianPromptAverage,
     ImagePrototypeLoss,

@@ -291,3 +291,24 @@ def test_property_equal_logits_give_zero(pair, temperature, shift) -> None:
     # softmax is shift-invariant: a per-row constant shift is still "equal" logits.
     loss = PF.zero_shot_consistency(logits, logits + shift, temperature=temperature)
     assert abs(loss.item()) < 1e-4
+
+
+def test_a_nan_teacher_is_not_read_as_no_mass() -> None:
+    """NaN zero-shot logits gave 0.0 before 1.0 (NaN > 0 is False, so they cost nothing)."""
+    logits = torch.randn(4, 3)
+    teacher = torch.randn(4, 3)
+    teacher[1, 2] = float("nan")
+    assert torch.isnan(PF.zero_shot_consistency(logits, teacher))
+    assert torch.isnan(PF.zero_shot_consistency(logits, teacher, reduction="none")[1])
+    assert torch.isfinite(PF.zero_shot_consistency(logits, teacher, reduction="none")[0])
+    # A class the teacher gives no mass at all still costs nothing (0 log 0 = 0).
+    certain = torch.tensor([[0.0, -float("inf"), -float("inf")]])
+    assert torch.isfinite(PF.zero_shot_consistency(torch.zeros(1, 3), certain))
+
+
+@pytest.mark.parametrize("temperature", [1e20, 1e-20])
+def test_a_temperature_whose_square_leaves_float32_is_named(temperature) -> None:
+    with pytest.raises(ValueError, match=r"T\^2 must be a normal float32"):
+        PF.zero_shot_consistency(torch.randn(2, 3), torch.randn(2, 3), temperature=temperature)
+    finite = PF.zero_shot_consistency(torch.randn(2, 3), torch.randn(2, 3), temperature=1e18)
+    assert torch.isfinite(finite)

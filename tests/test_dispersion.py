@@ -172,3 +172,31 @@ def test_property_anti_parallel_counts_as_far_apart(vector, scale) -> None:
     assert abs(loss.item() - math.exp(-8.0)) < 1e-6
     orthogonal = torch.stack([torch.eye(2)[0], torch.eye(2)[1]])
     assert loss < PF.dispersion_loss(orthogonal, bandwidth=2.0)
+
+
+def test_class_prototypes_check_num_classes_and_labels() -> None:
+    images = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="num_classes must be >= 1 but is 0"):
+        PF.class_prototypes(images, torch.zeros(4, dtype=torch.long), num_classes=0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\] but ranges over \[0, 2\]"):
+        PF.class_prototypes(images, torch.tensor([0, 1, 2, 0]), num_classes=2)
+    with pytest.raises(TypeError, match=r"labels must be an integer torch\.Tensor but is a list"):
+        PF.class_prototypes(images, [0, 1, 0, 1], num_classes=2)
+
+
+def test_a_label_beyond_the_prototypes_is_nan_off_the_cpu(monkeypatch) -> None:
+    from promptmix import _validation
+
+    prototypes, images = torch.randn(2, 6), torch.randn(3, 6)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
+        PF.image_prototype_loss(images, torch.tensor([0, 1, 2]), prototypes)
+    monkeypatch.setattr(_validation, "HOST_CHECKS", False)  # the path a GPU takes
+    assert torch.isnan(PF.image_prototype_loss(images, torch.tensor([0, 1, 2]), prototypes))
+    assert torch.isfinite(PF.image_prototype_loss(images, torch.tensor([0, 1, 1]), prototypes))
+
+
+def test_dispersion_weighs_pairs_instead_of_masking_them() -> None:
+    """Pairs of one class's own sub-prompts are left out; the mean is over the others."""
+    features = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[-1.0, 0.0], [-1.0, 0.0]]])
+    # Every between-class pair is anti-parallel: exp(-2 * 4) each; own pairs (cost 1) left out.
+    torch.testing.assert_close(PF.dispersion_loss(features), torch.tensor(math.exp(-8.0)))

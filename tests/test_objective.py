@@ -22,6 +22,7 @@ from promptmix import (
     SoftEMAssigner,
     TemperatureSchedule,
     UsageEstimate,
+    UsageFloor,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -339,9 +340,7 @@ class TestMixtureOfPromptsLoss:
     @pytest.mark.parametrize("entropy_mode", ENTROPY_MODES)
     def test_single_subprompt_gives_connected_zeros(self, assignment, entropy_mode) -> None:
         images, prompts, labels = problem(k=1)
-        out = make_loss(assignment=assignment, entropy_mode=entropy_mode)(
-            images, prompts, labels
-        )
+        out = make_loss(assignment=assignment, entropy_mode=entropy_mode)(images, prompts, labels)
         for key in ("diversity", "entropy"):
             assert out[key].item() == 0.0 and out[key].requires_grad, key
         assert torch.equal(out["responsibilities"], torch.ones(6, 1))
@@ -646,3 +645,80 @@ def test_logits_method_is_the_classifier_forward_trains() -> None:
         torch.testing.assert_close(logits.detach(), out["logits"])
         torch.testing.assert_close(F.cross_entropy(logits, labels), out["ce"])
         assert logits.requires_grad
+
+
+class TestOneEStep:
+    """The loss runs the E-step once and hands its result to every part that asks for it."""
+
+    class Spy(torch.nn.Module):
+        inputs = ("responsibilities", "labels", "usage_prior", "class_mask")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[dict[str, torch.Tensor | None]] = []
+
+        def forward(self, responsibilities, labels, usage_prior, class_mask):  # type: ignore[no-untyped-def]
+            self.seen.append(
+                {
+                    "responsibilities": responsibilities,
+                    "usage_prior": usage_prior,
+                    "mask": class_mask,
+                }
+            )
+            return responsibilities.sum() * 0
+
+    def test_every_part_gets_the_same_responsibilities_and_usage(self) -> None:
+        images, prompts, labels = problem()
+        entropy, first, second = self.Spy(), self.Spy(), self.Spy()
+        estimate = UsageEstimate(num_classes=4, n_subprompts=3)
+        before = estimate.usage.clone()
+        loss_fn = MixtureOfPromptsLoss(
+            entropy=entropy,
+            usage_estimate=estimate,
+            regularizers={"a": (first, 1.0), "b": (second, 0.5)},
+            tau=0.7,
+        )
+        loss_fn(images, prompts, labels)
+        seen = [spy.seen[0] for spy in (entropy, first, second)]
+        assert seen[0]["responsibilities"] is seen[1]["responsibilities"]
+        assert seen[1]["responsibilities"] is seen[2]["responsibilities"]
+        soft = PF.responsibilities(images, prompts, labels, tau=0.7)
+        torch.testing.assert_close(seen[0]["responsibilities"], soft)
+        assert seen[0]["responsibilities"].requires_grad  # the soft E-step, with its gradient
+        torch.testing.assert_close(seen[0]["usage_prior"], before)  # before this step's update
+        assert seen[0]["usage_prior"] is seen[2]["usage_prior"]
+        assert seen[0]["mask"].tolist() == [True, True, True, False]
+        assert not torch.equal(estimate.usage, before)  # updated once, after the parts
+
+    @pytest.mark.parametrize("assignment", ["soft", "hard"])
+    def test_the_softmax_of_the_e_step_runs_once(self, assignment, monkeypatch) -> None:
+        images, prompts, labels = problem()
+        loss_fn = MixtureOfPromptsLoss(
+            assigner=SoftEMAssigner(mode=assignment),
+            usage_estimate=UsageEstimate(num_classes=4, n_subprompts=3),
+            regularizers={"floor": (UsageFloor(), 1.0)},
+        )
+        calls = []
+        original = torch.softmax
+
+        def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(args[0].shape)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, "softmax", counting)
+        loss_fn(images, prompts, labels)
+        assert calls == [torch.Size([6, 3])], calls  # one (batch, K) softmax, nothing else
+
+    def test_usage_floor_gets_the_losss_responsibilities_not_its_own(self) -> None:
+        images, prompts, labels = problem()
+        # At the loss's tau (30: soft), not at UsageFloor's former own tau of 1 (nearly hard).
+        loss_fn = MixtureOfPromptsLoss(regularizers={"floor": (UsageFloor(floor=1.0), 1.0)})
+        out = loss_fn(images, prompts, labels, tau=30.0)
+        at_loss_tau = PF.usage_floor(
+            PF.responsibilities(images, prompts, labels, tau=30.0), labels, floor=1.0
+        )
+        at_tau_1 = PF.usage_floor(
+            PF.responsibilities(images, prompts, labels, tau=1.0), labels, floor=1.0
+        )
+        torch.testing.assert_close(out["floor"], at_loss_tau)
+        assert not torch.allclose(at_loss_tau, at_tau_1)  # the test can tell

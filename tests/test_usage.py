@@ -266,3 +266,16 @@ def test_revived_split_has_the_documented_default_size() -> None:
     rms = busy.pow(2).mean().sqrt()
     gap = (new[0, 0] - new[0, 1]).pow(2).mean().sqrt() / rms  # std of 2 * epsilon / RMS
     assert gap.item() == pytest.approx(2 * 0.01, rel=0.1)
+
+
+def test_the_floors_simplex_check_acts_on_the_device(monkeypatch) -> None:
+    """Off the CPU the check cannot raise: it must make the value NaN (its result is used)."""
+    from promptmix import _validation
+
+    off = torch.full((2, 2), 0.75)
+    with pytest.raises(ValueError, match="rows must sum to 1"):
+        PF.usage_floor(off)
+    monkeypatch.setattr(_validation, "HOST_CHECKS", False)
+    assert torch.isnan(PF.usage_floor(off))
+    assert torch.isnan(PF.usage_floor(torch.full((2, 2), 0.5), usage_prior=torch.full((1, 2), 0.9)))
+    assert torch.isfinite(PF.usage_floor(torch.full((2, 2), 0.5)))

@@ -94,8 +94,11 @@ class UsageEstimate(nn.Module):
         self._check(responsibilities)
         self._follow(responsibilities)
         if len(responsibilities):
-            new = PF.running_usage(self.usage, responsibilities, labels, momentum=self.momentum)
-            self.usage.copy_(new)
+            # A new tensor, not an in-place update: what the parts of this step were handed
+            # (and anything that keeps it) still holds the estimate they used.
+            self.usage = PF.running_usage(
+                self.usage, responsibilities, labels, momentum=self.momentum
+            )
 
     def extra_repr(self) -> str:
         return (
@@ -240,7 +243,7 @@ class SubpromptReviver:
             generator=generator,
         )
         parameter.copy_(new)
-        usage.copy_(new_usage)
+        self.usage_estimate.usage = new_usage
         return revived
 
     def __repr__(self) -> str:
