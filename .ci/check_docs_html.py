@@ -5,8 +5,10 @@ Usage: python .ci/check_docs_html.py SITE_DIR
 Scans every page of a built MkDocs site (``mkdocs build --site-dir SITE_DIR``) for markup that
 reached the reader unrendered: Sphinx roles (``:class:``, ``:func:``, ...), ``.. math::``
 blocks, double backticks, LaTeX commands such as ``\\gamma`` outside the maths that KaTeX
-renders, and emphasis (``<em>``) inside a formula (Markdown eating a formula's underscores).
-Code blocks are exempt: they show source as it is. Exit status 1 lists every finding.
+renders, emphasis (``<em>``) inside a formula or inside a word (Markdown eating underscores),
+and attributes that are not HTML's (the ``attr_list`` extension reading text in braces, such as
+a formula's ``_{b ∈ c}``, as attributes, so the text disappears from the page). Code blocks are
+exempt: they show source as it is. Exit status 1 lists every finding.
 """
 
 from __future__ import annotations
@@ -24,6 +26,22 @@ CHECKS = (
     (re.compile(r"``"), "double backticks"),
     (LATEX_COMMAND, "a LaTeX command outside rendered maths"),
 )
+#: Attribute names the site's pages use; any other one is text that `attr_list` took for
+#: attributes (`{0: ...}` or `_{b ∈ c}` in a table cell or a paragraph).
+HTML_ATTRIBUTES = frozenset(
+    {
+        "accept", "action", "align", "alt", "async", "autocapitalize", "autocomplete",
+        "autocorrect", "autofocus", "charset", "checked", "cite", "class", "clip-rule", "colspan",
+        "content", "controls", "crossorigin", "d", "datetime", "decoding", "defer", "dir",
+        "disabled", "download", "fill", "fill-rule", "for", "height", "hidden", "href",
+        "hreflang", "http-equiv", "id", "integrity", "label", "lang", "loading", "media",
+        "method", "name", "novalidate", "open", "placeholder", "property", "readonly", "rel",
+        "required", "reversed", "role", "rowspan", "scope", "selected", "sizes", "span",
+        "spellcheck", "src", "srcset", "start", "stroke", "stroke-linecap", "stroke-linejoin",
+        "stroke-width", "style", "tabindex", "target", "title", "translate", "type", "value",
+        "viewbox", "width", "xmlns", "xmlns:xlink", "xlink:href",
+    }
+)
 #: Elements whose text is shown as it is written.
 VERBATIM = {"code", "pre", "script", "style", "kbd", "samp"}
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
@@ -34,6 +52,7 @@ class _Scanner(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.stack: list[tuple[str, bool]] = []  # (tag, is maths)
         self.findings: list[str] = []
+        self.previous = ""  # the text just before the current tag
 
     def _in(self, predicate: str) -> bool:
         if predicate == "maths":
@@ -44,6 +63,20 @@ class _Scanner(HTMLParser):
         classes = (dict(attrs).get("class") or "").split()
         if tag == "em" and self._in("maths"):
             self.findings.append("<em> inside a formula (underscores read as emphasis)")
+        elif tag == "em" and not self._in("verbatim") and self.previous[-1:].isalnum():
+            self.findings.append(
+                f"<em> inside a word (an underscore read as emphasis): ...{self.previous[-30:]}"
+            )
+        unknown = [
+            name
+            for name, _ in attrs
+            if name not in HTML_ATTRIBUTES and not name.startswith(("data-", "aria-"))
+        ]
+        if unknown:
+            self.findings.append(
+                f"<{tag}> has attributes {unknown} that are not HTML's: text in braces read as "
+                f"attributes (attr_list), lost from the page after ...{self.previous[-30:]}"
+            )
         if tag not in VOID:
             self.stack.append((tag, "arithmatex" in classes or "katex" in classes))
 
@@ -54,6 +87,7 @@ class _Scanner(HTMLParser):
                 return
 
     def handle_data(self, data: str) -> None:
+        self.previous = (self.previous + data)[-60:]
         if self._in("verbatim"):
             return
         for pattern, what in CHECKS:

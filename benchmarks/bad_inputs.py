@@ -3,9 +3,16 @@
 
 Each case is run twice: as on a CPU (value checks read the tensor, which is free there) and on
 the device path a GPU takes (`_validation.HOST_CHECKS = False`: no host reads, bad values become
-NaN on the device). The outcome is what actually happened: the error and its message, or a
-non-finite result, or, for the few valid-but-extreme inputs, the check that the result is right.
-A bad input that gives a finite result is marked SILENT and makes the script exit with 1.
+NaN on the device). The outcome is what actually happened, and its kind:
+
+- **clear**: a named error raised by promptmix's own checks (its innermost frame is in
+  promptmix, or it is PyTorch's `load_state_dict` report of them), or a non-finite result;
+- **SILENT**: a finite result (or a state change) from bad input;
+- **CRYPTIC**: an error raised somewhere else (deep in PyTorch or Python), whose message does not
+  say which argument was wrong.
+
+Valid-but-extreme inputs show the check that their result is right. A silent or cryptic outcome
+makes the script exit with 1.
 
     PYTHONPATH=src python benchmarks/bad_inputs.py --write docs/reliability.md
 """
@@ -14,21 +21,40 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import open_clip
 import torch
 
+import promptmix
 import promptmix.functional as PF
 from promptmix import (
-    AssignmentEntropy,
     DiversityLoss,
+    GaussianPromptAverage,
+    ImagePrototypeLoss,
+    InterClassDispersion,
+    MixtureOfPrompts,
     MixtureOfPromptsLoss,
+    OffsetMixtureOfPrompts,
+    PromptAnchor,
     SoftEMAssigner,
+    SubpromptReviver,
+    TemperatureSchedule,
+    TextToTextLoss,
+    UsageEstimate,
+    UsageFloor,
+    ZeroShotConsistency,
     _validation,
     detect_collapse,
+    initialize_from_kmeans,
+    prograd_backward,
+    project_conflicting_gradients,
 )
 from promptmix.diagnostics import subprompt_usage
+
+SOURCE = Path(promptmix.__file__).resolve().parent
 
 BEGIN, END = "<!-- bad-inputs:begin -->", "<!-- bad-inputs:end -->"
 NAN, INF = float("nan"), float("inf")
@@ -64,13 +90,167 @@ def with_nan(tensor, index):
 def same_loss_as_int64(dtype):
     def run():
         images, prompts, labels = problem()
-        entropy = AssignmentEntropy("marginal", num_classes=4, n_subprompts=3)
-        reference = MixtureOfPromptsLoss(entropy=entropy)(images, prompts, labels)["loss"]
-        entropy = AssignmentEntropy("marginal", num_classes=4, n_subprompts=3)
-        value = MixtureOfPromptsLoss(entropy=entropy)(images, prompts, labels.to(dtype))["loss"]
+        estimate = UsageEstimate(num_classes=4, n_subprompts=3)
+        reference = MixtureOfPromptsLoss(usage_estimate=estimate)(images, prompts, labels)["loss"]
+        estimate = UsageEstimate(num_classes=4, n_subprompts=3)
+        loss_fn = MixtureOfPromptsLoss(usage_estimate=estimate)
+        value = loss_fn(images, prompts, labels.to(dtype))["loss"]
         return f"class indices: loss equals the int64 one: {torch.equal(value, reference)}"
 
     return run
+
+
+class Changed(Exception):
+    """A call on bad input changed the object's state before (or instead of) failing."""
+
+
+def unchanged(state: Callable[[], object], call: Callable[[], object]) -> object:
+    """Run `call`; if it raises, the state must be what it was (else `Changed`)."""
+    before = state()
+    try:
+        return call()
+    except Exception as error:
+        after = state()
+        if not equal(before, after):
+            raise Changed(f"changed before raising {type(error).__name__}: {error}") from error
+        raise
+
+
+def equal(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b, strict=True))  # type: ignore[arg-type]
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)  # type: ignore[union-attr]
+    return a == b
+
+
+_CLIP: list[object] = []
+
+
+def clip_and_tokenizer():
+    """A tiny random-init open_clip model and its tokenizer (built once)."""
+    if not _CLIP:
+        torch.manual_seed(0)
+        model = open_clip.CLIP(
+            embed_dim=16,
+            vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=32),
+            text_cfg=dict(width=32, heads=2, layers=1),
+        )
+        _CLIP.extend([model, open_clip.get_tokenizer("ViT-B-32")])
+    return _CLIP[0], _CLIP[1]
+
+
+def learner(classnames=("cat", "dog", "owl"), cls=OffsetMixtureOfPrompts, **kwargs):
+    model, tokenizer = clip_and_tokenizer()
+    return cls(model, kwargs.pop("tokenizer", tokenizer), list(classnames), n_subprompts=2, **kwargs)
+
+
+def init_with(images, labels):
+    prompts = learner()
+    return unchanged(lambda: prompts.offsets.clone(), lambda: initialize_from_kmeans(prompts, images, labels))
+
+
+def zero_class_images():
+    images = torch.randn(9, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2] * 3)
+    images[labels == 2] = 0.0
+    return images, labels
+
+
+def revive_after_nan_images():
+    estimate = UsageEstimate(num_classes=4, n_subprompts=3)
+    loss_fn = MixtureOfPromptsLoss(usage_estimate=estimate)
+    images, prompts, labels = problem()
+    loss_fn(with_nan(images, (0, 1)), prompts, labels)  # NaN reaches the step (its loss is NaN)
+    parameter = torch.nn.Parameter(prompts.clone())
+    reviver = SubpromptReviver(estimate)
+    return unchanged(lambda: parameter.detach().clone(), lambda: reviver.revive_(parameter))
+
+
+def reviver_wrong_k():
+    estimate = UsageEstimate(num_classes=4, n_subprompts=3)
+    parameter = torch.nn.Parameter(torch.randn(4, 2, 6))
+    return unchanged(
+        lambda: (parameter.detach().clone(), estimate.usage.clone()),
+        lambda: SubpromptReviver(estimate).revive_(parameter),
+    )
+
+
+def schedule_load(saved_kwargs, state_change):
+    saved = TemperatureSchedule(**saved_kwargs)
+    for _ in range(3):
+        saved.step()
+    target = TemperatureSchedule(total_steps=1000, kind="cosine")
+    state = saved.state_dict() | state_change
+    return unchanged(
+        lambda: (target.step_count.clone(), target()), lambda: target.load_state_dict(state)
+    )
+
+
+class Wide(torch.nn.Module):
+    def __init__(self, width: int, bias: int = 2) -> None:
+        super().__init__()
+        self.ctx = torch.nn.Parameter(torch.zeros(2, width))
+        self.bias = torch.nn.Parameter(torch.zeros(bias))
+
+
+def trained_average(width: int = 3) -> GaussianPromptAverage:
+    module = Wide(width)
+    average = GaussianPromptAverage(module, total_epochs=4, mean=2.0)
+    for value in (1.0, 2.0):
+        module.ctx.data.fill_(value)
+        average.update()
+    return average
+
+
+def average_state(average: GaussianPromptAverage):
+    return lambda: (average.epoch, {k: v.clone() for k, v in average.averages.items()})
+
+
+def load_other_average():
+    average, other = trained_average(3), trained_average(5)
+    other.update()
+    return unchanged(average_state(average), lambda: average.load_state_dict(other.state_dict()))
+
+
+def copy_to_other_bias():
+    average, target = trained_average(3), Wide(3, bias=5)
+    return unchanged(
+        lambda: [p.detach().clone() for p in target.parameters()],
+        lambda: average.copy_to(target),
+    )
+
+
+class ReturnsNone(torch.nn.Module):
+    inputs = ("labels",)
+
+    def forward(self, labels):
+        return None
+
+
+def loss_with(regularizers, **inputs):
+    images, prompts, labels = problem()
+    return MixtureOfPromptsLoss(regularizers=regularizers)(images, prompts, labels, **inputs)["loss"]
+
+
+def k1_equals_2d():
+    images, prompts, labels = problem()
+    flat = prompts[:, 0]
+    a = MixtureOfPromptsLoss()(images, flat, labels)["loss"]
+    b = MixtureOfPromptsLoss()(images, flat.unsqueeze(1), labels)["loss"]
+    return f"(C, D) is K = 1: loss equals the (C, 1, D) one: {torch.equal(a, b)}"
+
+
+def extra_classes_run():
+    templates = torch.randn(2, 6, 6)
+    loss_fn = MixtureOfPromptsLoss(
+        regularizers={"text": (TextToTextLoss(extra_classes=2, template_features=templates), 5.0)}
+    )
+    images, prompts, labels = problem()
+    out = loss_fn(images, prompts, labels, extra_subprompt_features=torch.randn(2, 3, 6))
+    return f"finite text-to-text term over 4 + 2 classes: {bool(torch.isfinite(out['text']))}"
 
 
 def tiny_tau_half():
@@ -85,7 +265,7 @@ def tiny_tau_half():
 def sinkhorn_winner():
     cosine = 0.3 + 0.03 * torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
     cosine[:, 0] = cosine.max(1).values + 0.2
-    gamma = SoftEMAssigner("sinkhorn").from_similarities(cosine, torch.zeros(8, dtype=torch.long),
+    gamma = SoftEMAssigner(mode="sinkhorn").from_similarities(cosine, torch.zeros(8, dtype=torch.long),
                                                           tau=0.3)
     usage = gamma.sum(0)
     return f"usage {[round(u, 4) for u in usage.tolist()]} (fair share 2.0 each)"
@@ -108,10 +288,10 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("loss: inf in one image feature", "bad", lambda: loss(images=problem()[0].index_fill(1, torch.tensor([0]), INF))),
     ("loss: NaN sub-prompt of a class not in the batch", "bad", lambda: loss(prompts=with_nan(problem()[1], (3, 0, 0)))),
     ("loss: NaN sub-prompt, every weight 0", "bad", lambda: loss(prompts=with_nan(problem()[1], (1, 0, 2)), diversity_weight=0.0, entropy_weight=0.0, mixture_weight=0.0)),
-    ("loss: NaN image, hard assigner", "bad", lambda: loss(images=with_nan(problem()[0], (2, 1)), assigner=SoftEMAssigner("hard"))),
-    ("loss: NaN image, Sinkhorn assigner", "bad", lambda: loss(images=with_nan(problem()[0], (2, 1)), assigner=SoftEMAssigner("sinkhorn"))),
+    ("loss: NaN image, hard assigner", "bad", lambda: loss(images=with_nan(problem()[0], (2, 1)), assigner=SoftEMAssigner(mode="hard"))),
+    ("loss: NaN image, Sinkhorn assigner", "bad", lambda: loss(images=with_nan(problem()[0], (2, 1)), assigner=SoftEMAssigner(mode="sinkhorn"))),
     ("loss: image_features of rank 1", "bad", lambda: loss(images=torch.randn(6))),
-    ("loss: subprompt_features of rank 2", "bad", lambda: loss(prompts=torch.randn(4, 6))),
+    ("loss: subprompt_features of rank 1", "bad", lambda: loss(prompts=torch.randn(6))),
     ("loss: feature dimensions differ", "bad", lambda: loss(images=torch.randn(8, 5))),
     ("loss: K = 0 sub-prompts", "bad", lambda: loss(prompts=torch.randn(4, 0, 6))),
     ("loss: integer image features", "bad", lambda: loss(images=torch.ones(8, 6, dtype=torch.long))),
@@ -149,16 +329,16 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("entropy: usage_prior rows off the simplex", "bad", lambda: PF.assignment_entropy(GOOD, LABELS4, mode="marginal", usage_prior=torch.full((2, 3), 0.5), prior_count=1.0)),
     ("entropy: label beyond the usage_prior's classes", "bad", lambda: PF.assignment_entropy(GOOD, torch.tensor([0, 1, 0, 2]), mode="marginal", usage_prior=torch.full((2, 3), 1 / 3), prior_count=1.0)),
     ("entropy: prior_count -1", "bad", lambda: PF.assignment_entropy(GOOD, prior_count=-1.0)),
-    ("entropy: num_classes without n_subprompts", "bad", lambda: AssignmentEntropy("marginal", num_classes=3)),
-    ("entropy: momentum 1", "bad", lambda: AssignmentEntropy("marginal", momentum=1.0)),
+    ("usage: an estimate without n_subprompts", "bad", lambda: UsageEstimate(num_classes=3)),
+    ("usage: momentum 1", "bad", lambda: UsageEstimate(num_classes=2, n_subprompts=2, momentum=1.0)),
     # --- E-step
     ("E-step: Sinkhorn on a NaN score", "bad", lambda: PF.sinkhorn(with_nan(torch.randn(4, 3), (1, 2)))),
     ("E-step: Sinkhorn with 0 iterations", "bad", lambda: PF.sinkhorn(torch.randn(4, 3), iterations=0)),
     ("E-step: Sinkhorn with tol 0", "bad", lambda: PF.sinkhorn(torch.randn(4, 3), tol=0.0)),
     ("E-step: Sinkhorn with float groups", "bad", lambda: PF.sinkhorn(torch.randn(4, 3), torch.zeros(4))),
     ("E-step: Sinkhorn, one sub-prompt wins every image by 0.2", "valid", sinkhorn_winner),
-    ("E-step: mode 'foo'", "bad", lambda: SoftEMAssigner("foo")),
-    ("E-step: usage_prior with the soft mode", "bad", lambda: SoftEMAssigner("soft").from_similarities(torch.rand(2, 2), torch.tensor([0, 0]), usage_prior=torch.full((1, 2), 0.5))),
+    ("E-step: mode 'foo'", "bad", lambda: SoftEMAssigner(mode="foo")),
+    ("E-step: usage_prior with the soft mode", "bad", lambda: SoftEMAssigner(mode="soft").from_similarities(torch.rand(2, 2), torch.tensor([0, 0]), usage_prior=torch.full((1, 2), 0.5))),
     ("E-step: hard mode on a NaN similarity", "bad", lambda: PF.responsibilities_from_similarities(with_nan(torch.rand(3, 2), (0, 0)), mode="hard")),
     # --- diversity and similarities
     ("diversity: NaN sub-prompt", "bad", lambda: DiversityLoss()(with_nan(torch.randn(2, 3, 4), (0, 1, 1)))),
@@ -176,51 +356,122 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("diagnostics: rows off the simplex (share 3.4)", "bad", lambda: detect_collapse(torch.randn(2, 3, 4), torch.tensor([[3.4, 0.0, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([0, 0]))),
     ("diagnostics: responsibilities without labels", "bad", lambda: detect_collapse(torch.randn(2, 3, 4), GOOD)),
     ("diagnostics: anti-parallel sub-prompts", "valid", anti_parallel),
-    ("diagnostics: usage with num_classes 0", "bad", lambda: subprompt_usage(GOOD, LABELS4, 0)),
-    ("schedule: warmup_steps >= total_steps", "bad", lambda: PF.temperature_at(0, total_steps=5, warmup_steps=5)),
+    ("diagnostics: usage with num_classes 0", "bad", lambda: subprompt_usage(GOOD, LABELS4, num_classes=0)),
+    ("schedule: warmup_steps >= total_steps", "bad", lambda: PF.temperature_at(step=0, total_steps=5, warmup_steps=5)),
+    # --- 1.0: one convention, every input checked (issue 17)
+    ("loss: PromptAnchor(reduction='none') as a regularizer", "bad", lambda: MixtureOfPromptsLoss(regularizers={"anchor": (PromptAnchor(reduction="none"), 8.0)})),
+    ("loss: DiversityLoss(reduction='none') in the diversity slot", "bad", lambda: MixtureOfPromptsLoss(diversity=DiversityLoss(reduction="none"))),
+    ("loss: weight-0 regularizer, NaN anchor_features", "bad", lambda: loss_with({"anchor": (PromptAnchor(), 0.0)}, anchor_features=torch.full((4, 6), NAN))),
+    ("loss: weight-0 regularizer, anchor_features of another shape", "bad", lambda: loss_with({"anchor": (PromptAnchor(), 0.0)}, anchor_features=torch.randn(4, 5))),
+    ("loss: a regularizer that returns None", "bad", lambda: loss_with({"none": (ReturnsNone(), 1.0)})),
+    ("loss: a regularizer without inputs", "bad", lambda: MixtureOfPromptsLoss(regularizers={"x": (torch.nn.Identity(), 1.0)})),
+    ("loss: a keyword no part takes", "bad", lambda: loss_with({}, anchor_features=torch.randn(4, 6))),
+    ("loss: (C, D) sub-prompts", "valid", k1_equals_2d),
+    ("loss: usage estimate built for another K", "bad", lambda: MixtureOfPromptsLoss(usage_estimate=UsageEstimate(num_classes=4, n_subprompts=4))(*problem())),
+    ("zero-shot: all-NaN stored zero_shot_text_features", "bad", lambda: ZeroShotConsistency(zero_shot_text_features=torch.full((4, 6), NAN))),
+    ("zero-shot: NaN teacher logits", "bad", lambda: PF.zero_shot_consistency(torch.randn(4, 3), torch.full((4, 3), NAN))),
+    ("zero-shot: temperature 1e20", "bad", lambda: ZeroShotConsistency(temperature=1e20)),
+    ("zero-shot: reduction 'batchmean' (the old name)", "bad", lambda: PF.zero_shot_consistency(torch.randn(4, 3), torch.randn(4, 3), reduction="batchmean")),
+    ("text-to-text: extra class features, extra_classes=0", "bad", lambda: TextToTextLoss()(torch.randn(3, 6), torch.randn(5, 6), extra_subprompt_features=torch.randn(2, 6))),
+    ("text-to-text: two class names without images", "valid", extra_classes_run),
+    ("prototypes: class_prototypes(num_classes=0)", "bad", lambda: PF.class_prototypes(torch.randn(4, 6), torch.zeros(4, dtype=torch.long), num_classes=0)),
+    ("prototypes: a label beyond the prototypes", "bad", lambda: ImagePrototypeLoss(prototypes=torch.randn(2, 6))(torch.randn(3, 6), torch.tensor([0, 1, 2]))),
+    ("dispersion: NaN sub-prompt", "bad", lambda: InterClassDispersion()(with_nan(torch.randn(3, 2, 4), (1, 0, 0)))),
+    ("usage floor: rows summing to 1.5", "bad", lambda: UsageFloor()(torch.full((2, 2), 0.75))),
+    ("usage: estimate for K + 1 updated with K", "bad", lambda: UsageEstimate(num_classes=2, n_subprompts=3).update(torch.full((2, 2), 0.5), torch.tensor([0, 1]))),
+    ("usage: label beyond the estimate's classes", "bad", lambda: PF.running_usage(torch.full((2, 2), 0.5), torch.full((1, 2), 0.5), torch.tensor([2]))),
+    ("reviver: parameter with another K", "bad", reviver_wrong_k),
+    ("reviver: NaN images reached the loss", "bad", revive_after_nan_images),
+    ("reviver: NaN parameter", "bad", lambda: PF.revive_dead_subprompts(torch.full((1, 2, 3), NAN), torch.tensor([[1.0, 0.0]]))),
+    ("gradients: NaN reference gradient (the cosine)", "bad", lambda: project_conflicting_gradients([torch.tensor([1.0, -1.0])], [torch.tensor([NAN, 2.0])])[1]),
+    ("gradients: integer gradients", "bad", lambda: project_conflicting_gradients([torch.tensor([3, -1])], [torch.tensor([0, 2])])),
+    ("gradients: prograd_backward with a bare Parameter", "bad", lambda: (lambda w: prograd_backward((2 * w).sum(), (3 * w).sum(), w))(torch.nn.Parameter(torch.ones(2)))),
+    ("schedule: a 5-step linear state into a 1000-step cosine schedule", "bad", lambda: schedule_load({"total_steps": 5}, {})),
+    ("schedule: step_count 2.7", "bad", lambda: schedule_load({"total_steps": 1000, "kind": "cosine"}, {"step_count": torch.tensor(2.7)})),
+    ("averaging: load another model's average", "bad", load_other_average),
+    ("averaging: copy_to a module whose bias differs", "bad", copy_to_other_bias),
+    ("k-means: NaN features", "bad", lambda: PF.spherical_kmeans(with_nan(torch.randn(6, 3), (2, 1)), n_subprompts=2)),
+    ("k-means: zero-width features", "bad", lambda: PF.spherical_kmeans(torch.zeros(6, 0), n_subprompts=2)),
+    ("k-means: labels as a list", "bad", lambda: PF.kmeans_subprompts(torch.randn(4, 3), [0, 0, 1, 1], num_classes=2, n_subprompts=1)),
+    ("k-means: a class of all-zero image features", "bad", lambda: PF.kmeans_subprompts(*zero_class_images(), num_classes=3, n_subprompts=2)),
+    ("init: a class of all-zero image features", "bad", lambda: init_with(*zero_class_images())),
+    ("init: labels as a list", "bad", lambda: init_with(torch.randn(9, 16), [0, 1, 2] * 3)),
+    ("prompts: an empty class name", "bad", lambda: learner(("cat", "", "owl"))),
+    ("prompts: duplicate class names", "bad", lambda: learner(("cat", "dog", "cat"))),
+    ("prompts: two names beyond 77 tokens", "bad", lambda: learner((" ".join(["very"] * 80) + " red", " ".join(["very"] * 80) + " blue"))),
+    ("prompts: tokenizer=None", "bad", lambda: learner(tokenizer=None)),
+    ("prompts: MixtureOfPrompts with duplicate names", "bad", lambda: learner(("cat", "cat"), cls=MixtureOfPrompts)),
 ]
 
 
 def _cell(text: str) -> str:
-    """Text safe inside a Markdown table cell."""
-    return text.replace("|", "\\|")
+    """Text safe inside a Markdown table cell (braces would be read as attributes)."""
+    for char in "|{}":
+        text = text.replace(char, "\\" + char)
+    return text
 
 
-def outcome(call: Callable[[], object]) -> tuple[str, bool]:
-    """(what happened, whether it was silent: a finite number from bad input)."""
+#: Python's own check of a call's arguments (a missing or unknown keyword): it names them.
+PYTHON_ARGUMENT_ERROR = ("required keyword-only argument", "unexpected keyword argument",
+                         "required positional argument", "positional argument")
+
+
+def kind_of(error: BaseException) -> str:
+    """`"clear"` if promptmix (or Python's argument check) raised it deliberately."""
+    if isinstance(error, Changed):
+        return "silent"
+    frames = traceback.extract_tb(error.__traceback__)
+    # Raised on purpose by a check of promptmix (a `raise` statement in its source), not an
+    # indexing or shape error that happened to occur in its code.
+    ours = bool(frames) and (
+        Path(frames[-1].filename).resolve().is_relative_to(SOURCE)
+        and (frames[-1].line or "").lstrip().startswith("raise")
+    )
+    state_dict = isinstance(error, RuntimeError) and "Error(s) in loading state_dict" in str(error)
+    arguments = isinstance(error, TypeError) and any(p in str(error) for p in PYTHON_ARGUMENT_ERROR)
+    return "clear" if ours or state_dict or arguments else "cryptic"
+
+
+def outcome(call: Callable[[], object]) -> tuple[str, str]:
+    """(what happened, its kind: "clear", "silent", "cryptic" or "valid")."""
     try:
         value = call()
     except Exception as error:
         message = str(error).replace("\n", " ")
         if len(message) > 110:
             message = message[:107] + "..."
-        return f"`{type(error).__name__}`: {_cell(message)}", False
+        return f"`{type(error).__name__}`: {_cell(message)}", kind_of(error)
     if isinstance(value, str):
-        return _cell(value), False
+        return _cell(value), "valid"
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() and not torch.isfinite(value).all():
             kind = "NaN" if torch.isnan(value).any() else "inf"
-            return f"{kind} result", False
-        return f"finite result {value.flatten()[:3].tolist()}", True
-    return f"returned {type(value).__name__}", True
+            return f"{kind} result", "clear"
+        return f"finite result {value.flatten()[:3].tolist()}", "silent"
+    return f"returned {type(value).__name__}", "silent"
 
 
-def table() -> tuple[str, int]:
+MARK = {"silent": "**SILENT**: ", "cryptic": "**CRYPTIC**: "}
+
+
+def table() -> tuple[str, dict[str, int]]:
     rows = ["| # | Input | CPU | Device path (GPU, no host reads) |", "|---|---|---|---|"]
-    silent = 0
+    counts = {"clear": 0, "silent": 0, "cryptic": 0, "valid": 0}
     for number, (what, kind, call) in enumerate(CASES, 1):
-        cells = []
+        cells, kinds = [], []
         for host in (True, False):
             _validation.HOST_CHECKS = host
-            text, is_silent = outcome(call)
-            if kind == "bad" and is_silent:
-                silent += 1
-                text = f"**SILENT**: {text}"
-            cells.append(text)
+            text, found = outcome(call)
+            if kind == "valid" and found != "valid":
+                found = "cryptic" if found == "clear" else found
+            cells.append(MARK.get(found, "") + text)
+            kinds.append(found)
         _validation.HOST_CHECKS = True
+        worst = next((k for k in ("silent", "cryptic", "valid") if k in kinds), "clear")
+        counts[worst] += 1
         label = what + (" (valid)" if kind == "valid" else "")
         rows.append(f"| {number} | {label} | {cells[0]} | {cells[1]} |")
-    return "\n".join(rows), silent
+    return "\n".join(rows), counts
 
 
 def main() -> None:
@@ -228,11 +479,12 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="replace the table between the markers")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    text, silent = table()
+    text, counts = table()
     bad = sum(kind == "bad" for _, kind, _ in CASES)
     summary = (
-        f"{len(CASES)} inputs ({bad} bad, {len(CASES) - bad} valid but extreme); "
-        f"silent: {silent}. Generated by `benchmarks/bad_inputs.py` with torch "
+        f"{len(CASES)} inputs ({bad} bad, {len(CASES) - bad} valid but extreme): "
+        f"{counts['clear']} clear, {counts['silent']} silent, {counts['cryptic']} cryptic "
+        f"(the worst of the two paths). Generated by `benchmarks/bad_inputs.py` with torch "
         f"{torch.__version__.split('+')[0]}."
     )
     block = f"{BEGIN}\n{summary}\n\n{text}\n{END}"
@@ -242,7 +494,8 @@ def main() -> None:
         args.write.write_text(page[:start] + block + page[end:])
     else:
         print(block)
-    sys.exit(1 if silent else 0)
+    print(summary, file=sys.stderr)
+    sys.exit(1 if counts["silent"] or counts["cryptic"] else 0)
 
 
 if __name__ == "__main__":

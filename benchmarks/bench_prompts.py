@@ -465,7 +465,7 @@ def bench_share(args, model, tokenizer, classnames, k: int, timings: dict[str, f
         image_s, image_features = timed(lambda: model.encode_image(images, normalize=True), 2)
     subprompts = F.normalize(torch.randn(classes, k, image_features.shape[-1], device=device), -1)
     loss_fn = MixtureOfPromptsLoss(
-        entropy=AssignmentEntropy("marginal", num_classes=classes, n_subprompts=k)
+        entropy=AssignmentEntropy(mode="marginal", num_classes=classes, n_subprompts=k)
     ).to(device)
 
     def loss_step(full: bool) -> None:

@@ -167,7 +167,10 @@ def methods() -> list[Method]:
             "anchor (L1)",
             "PromptSRC text term, w = 25",
             lambda w: {
-                "anchor": (PromptAnchor("l1", anchor_features=w.hand_crafted[w.base]), 25.0)
+                "anchor": (
+                    PromptAnchor(distance="l1", anchor_features=w.hand_crafted[w.base]),
+                    25.0,
+                )
             },
             "plain",
         ),
@@ -184,11 +187,11 @@ def methods() -> list[Method]:
         ),
         (
             "PromptSRC (KL + L1 text)",
-            'reduction="mean", text_weight = 25, w = 1',
+            "average_over_classes, text_weight = 25, w = 1",
             lambda w: {
                 "consistency": (
                     ZeroShotConsistency(
-                        reduction="mean",
+                        average_over_classes=True,
                         text_weight=25.0,
                         zero_shot_text_features=w.hand_crafted[w.base],
                     ),
@@ -226,7 +229,10 @@ def train(world: World, method: Method, args: argparse.Namespace, seed: int) -> 
     average = None
     if kind == "gpa":
         average = GaussianPromptAverage(
-            learner, args.epochs, mean=0.75 * args.epochs, std=max(1.0, 0.05 * args.epochs)
+            learner,
+            total_epochs=args.epochs,
+            mean=0.75 * args.epochs,
+            std=max(1.0, 0.05 * args.epochs),
         )
     for _ in range(args.epochs):
         order = torch.randperm(len(train_labels), generator=g)

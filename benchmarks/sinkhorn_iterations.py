@@ -46,7 +46,7 @@ def problem(case: str, k: int, per_class: int, ratio: float, seed: int, classes:
 def error(scores, labels, prior, rounds: int, newton: int) -> float:
     """Worst relative gap between a class's usage and its target."""
     q = sinkhorn(
-        scores, labels, iterations=rounds, newton_steps=newton, usage_prior=prior
+        scores, labels, prior, sinkhorn_iterations=rounds, newton_steps=newton
     ).double()
     groups = _dense_groups(labels, len(labels), labels.device)
     counts = _group_sums(q.new_ones(len(labels)), groups, len(labels))

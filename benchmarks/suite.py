@@ -48,10 +48,10 @@ from promptmix import (
     SoftEMAssigner,
     SubpromptReviver,
     TemperatureSchedule,
+    UsageEstimate,
     UsageFloor,
     diagnostics,
     initialize_from_kmeans,
-    objective,
 )
 from promptmix import functional as PF
 
@@ -99,11 +99,9 @@ class Recipe:
         start = self.tau_start if self.tau_start is not None else schedule.start
         end = self.tau_end if self.tau_end is not None else schedule.end
         assigner = SoftEMAssigner()
-        entropy = AssignmentEntropy(
-            self.entropy_mode or objective.DEFAULT_ENTROPY_MODE,  # type: ignore[arg-type]
-            num_classes=num_classes,
-            n_subprompts=k,
-        )
+        mode = self.entropy_mode or AssignmentEntropy().mode
+        entropy = AssignmentEntropy(mode=mode)  # type: ignore[arg-type]
+        usage = None if mode == "sample" else UsageEstimate(num_classes=num_classes, n_subprompts=k)
         diversity = DiversityLoss()
         # A weight left as None keeps the loss's own default.
         weights = {
@@ -117,19 +115,20 @@ class Recipe:
         }
         return MixtureOfPromptsLoss(
             **weights,
-            tau=TemperatureSchedule(start, end, total_steps=steps),
+            tau=TemperatureSchedule(start=start, end=end, total_steps=steps),
             assigner=SoftEMAssigner(
-                self.assignment or assigner.mode,  # type: ignore[arg-type]
-                scale=self.scale if self.scale is not None else assigner.scale,
+                mode=self.assignment or assigner.mode,  # type: ignore[arg-type]
+                logit_scale=self.scale if self.scale is not None else assigner.logit_scale,
             ),
             entropy=entropy,
+            usage_estimate=usage,
             diversity=DiversityLoss(
                 margin=self.diversity_margin
                 if self.diversity_margin is not None
                 else diversity.margin
             ),
             regularizers={
-                "usage": (UsageFloor(num_classes=num_classes, n_subprompts=k), self.floor)
+                "usage": (UsageFloor(), self.floor)
             }
             if self.floor
             else None,
@@ -292,7 +291,7 @@ def evaluate(
     own = PF.own_class_similarities(test.features, subprompt_features, test.labels)
     assigned = own.argmax(dim=-1)
     hard = F.one_hot(assigned, k).float()
-    usage = diagnostics.subprompt_usage(hard, test.labels, num_classes)
+    usage = diagnostics.subprompt_usage(hard, test.labels, num_classes=num_classes)
     shares = diagnostics.dominant_share(usage)
     cosine = diagnostics.mean_pairwise_cosine(subprompt_features)
     report = promptmix.detect_collapse(subprompt_features, hard, test.labels)
@@ -332,7 +331,8 @@ def train(recipe: Recipe, setup: Setup, training: Training) -> dict[str, float]:
     optimizer = torch.optim.Adam(parameters, lr=training.lr)
     generator = torch.Generator().manual_seed(10_000 + setup.seed)
     images, labels = setup.train.features, setup.train.labels
-    reviver = SubpromptReviver(spec.num_classes, k) if recipe.revive_every else None
+    estimate = loss_fn.usage_estimate
+    reviver = SubpromptReviver(estimate) if recipe.revive_every and estimate else None
     for step in range(steps):
         batch = torch.randperm(len(labels), generator=generator)[: training.batch_size]
         features = learner()
@@ -341,10 +341,8 @@ def train(recipe: Recipe, setup: Setup, training: Training) -> dict[str, float]:
         out["loss"].backward()
         optimizer.step()
         loss_fn.schedule.step()  # type: ignore[union-attr]
-        if reviver is not None:
-            reviver.observe(images[batch], features, labels[batch])
-            if (step + 1) % recipe.revive_every == 0 and step + 1 < steps:
-                reviver.revive_(parameters[0], generator=generator)
+        if reviver is not None and (step + 1) % recipe.revive_every == 0 and step + 1 < steps:
+            reviver.revive_(parameters[0], generator=generator)  # the loss's usage estimate
     with torch.no_grad():
         features = learner()
     return evaluate(features, setup.test, loss_fn)
@@ -417,18 +415,20 @@ def checks(
             verdicts = []
             if kmeans is not None:
                 gap = 100 * (acc - kmeans["accuracy"][0])
-                verdicts.append(f"{'✅' if gap >= -1 else '❌'} {gap:+.1f} vs k-means")
+                verdicts.append(f"{'pass' if gap >= -1 else 'FAIL'} {gap:+.1f} vs k-means")
             margin = 100 * (acc - uncured["accuracy"][0])
             need = 1.0 if uncured["accuracy"][0] < 0.98 else 0.0
-            verdicts.append(f"{'✅' if margin >= need else '❌'} {margin:+.1f} vs uncured")
+            verdicts.append(f"{'pass' if margin >= need else 'FAIL'} {margin:+.1f} vs uncured")
             per_look = min(split_counts(spec.shots, spec.frequencies()))
             if spec.n_subprompts == spec.n_looks and per_look >= 8:
                 nmi = cured["nmi"][0]
-                verdicts.append(f"{'✅' if nmi >= 0.85 else '❌'} NMI {nmi:.2f}")
+                verdicts.append(f"{'pass' if nmi >= 0.85 else 'FAIL'} NMI {nmi:.2f}")
             share = cured["share_collapsed"][0]
-            verdicts.append(f"{'✅' if share == 0 else '❌'} {100 * share:.0f} % share-collapsed")
+            verdicts.append(
+                f"{'pass' if share == 0 else 'FAIL'} {100 * share:.0f} % share-collapsed"
+            )
             text_margin = 100 * (text["accuracy"][0] - uncured["accuracy"][0])
-            verdicts.append(f"{'✅' if text_margin > 0 else '❌'} text init {text_margin:+.1f}")
+            verdicts.append(f"{'pass' if text_margin > 0 else 'FAIL'} text init {text_margin:+.1f}")
             rows.append((world, learner, verdicts))
     return rows
 
@@ -480,7 +480,7 @@ def write_markdown(
         if more and equal:
             gap = 100 * (more["accuracy"][0] - equal["accuracy"][0])
             lines.append(
-                f"- {'✅' if gap >= 0 else '❌'} K = 8 against K = 4 on the same 4 looks "
+                f"- {'pass' if gap >= 0 else 'FAIL'} K = 8 against K = 4 on the same 4 looks "
                 f"({learner}): {gap:+.1f} points.\n"
             )
     true_rows = [(w, results[w, "free", TRUE]) for w in worlds if (w, "free", TRUE) in results]
@@ -488,8 +488,8 @@ def write_markdown(
         flagged = max(stats["collapsed"][0] for _, stats in true_rows)
         highest = max(stats["max_cosine"][0] for _, stats in true_rows)
         lines.append(
-            f"- {'✅' if flagged == 0 else '❌'} `detect_collapse` flags {100 * flagged:.0f} % of "
-            f"the true look centres' classes in the worst world; the highest per-class mean "
+            f"- {'pass' if flagged == 0 else 'FAIL'} `detect_collapse` flags {100 * flagged:.0f} "
+            f"% of the true look centres' classes in the worst world; the highest per-class mean "
             f"cosine of true looks is {highest:.2f} (threshold 0.9).\n"
         )
     lines.append("\n### Results\n\n")

@@ -107,18 +107,24 @@ class TestPromptAnchor:
         cosine = torch.tensor([[0.0, 1 - c45], [2.0, 2.0]])
         torch.testing.assert_close(PromptAnchor(reduction="none")(prompts, anchors), cosine)
         torch.testing.assert_close(PromptAnchor()(prompts, anchors), cosine.mean())
-        torch.testing.assert_close(PromptAnchor("l2", "none")(prompts, anchors), 2 * cosine)
+        torch.testing.assert_close(
+            PromptAnchor(distance="l2", reduction="none")(prompts, anchors), 2 * cosine
+        )
         # L1: |(c45, c45) - (1, 0)| = (1 - c45 + c45) / 2 = 0.5; |(0,-1) - (0,1)| = 2 / 2 = 1.
         l1 = torch.tensor([[0.0, 0.5], [1.0, 1.0]])
-        torch.testing.assert_close(PromptAnchor("l1", "none")(prompts, anchors), l1)
-        torch.testing.assert_close(PromptAnchor("l1", "sum")(prompts, anchors), l1.sum())
+        torch.testing.assert_close(
+            PromptAnchor(distance="l1", reduction="none")(prompts, anchors), l1
+        )
+        torch.testing.assert_close(
+            PromptAnchor(distance="l1", reduction="sum")(prompts, anchors), l1.sum()
+        )
 
     @pytest.mark.parametrize("distance", ["cosine", "l2", "l1"])
     @pytest.mark.parametrize("anchor_shape", [(4, 8), (4, 3, 8)])
     def test_matches_the_original_expressions(self, distance, anchor_shape) -> None:
         prompts, anchors = torch.randn(4, 3, 8), torch.randn(anchor_shape)
         torch.testing.assert_close(
-            PromptAnchor(distance)(prompts, anchors), reference(prompts, anchors, distance)
+            PromptAnchor(distance=distance)(prompts, anchors), reference(prompts, anchors, distance)
         )
 
     def test_kgcoop_single_prompt(self) -> None:
@@ -179,11 +185,11 @@ class TestPromptAnchor:
         anchors = torch.randn(4, 8)
         anchors[1] = 0
         prompts = prompts32.to(dtype).requires_grad_()
-        loss = PromptAnchor(distance)(prompts, anchors.to(dtype))
+        loss = PromptAnchor(distance=distance)(prompts, anchors.to(dtype))
         loss.backward()
         assert loss.dtype == dtype
         assert torch.isfinite(loss) and torch.isfinite(prompts.grad).all()
-        expected = PromptAnchor(distance)(prompts32, anchors)
+        expected = PromptAnchor(distance=distance)(prompts32, anchors)
         torch.testing.assert_close(loss.float(), expected, atol=2e-2, rtol=0)
 
     def test_in_the_mixture_loss(self) -> None:
@@ -211,7 +217,7 @@ def test_torch_compile_matches_eager() -> None:
     prompts = torch.randn(3, 4, 8, requires_grad=True)
     anchors = torch.randn(3, 8)
     for distance in ("cosine", "l1"):
-        module = PromptAnchor(distance, anchor_features=anchors)
+        module = PromptAnchor(distance=distance, anchor_features=anchors)
         compiled = torch.compile(module, backend="aot_eager")
         value = compiled(prompts)
         (grad,) = torch.autograd.grad(value, prompts)

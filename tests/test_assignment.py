@@ -69,9 +69,9 @@ class TestSoftEMAssigner:
         [
             ({"mode": "em"}, ValueError, "mode"),
             ({"mode": "Soft"}, ValueError, "mode"),
-            ({"scale": 0.0}, ValueError, "scale"),
-            ({"scale": -1.0}, ValueError, "scale"),
-            ({"scale": float("inf")}, ValueError, "scale"),
+            ({"logit_scale": 0.0}, ValueError, "logit_scale"),
+            ({"logit_scale": -1.0}, ValueError, "logit_scale"),
+            ({"logit_scale": float("inf")}, ValueError, "logit_scale"),
             ({"sinkhorn_iterations": 0}, ValueError, "sinkhorn_iterations"),
             ({"sinkhorn_iterations": 1.5}, TypeError, "sinkhorn_iterations"),
         ],
@@ -87,7 +87,7 @@ class TestSoftEMAssigner:
             ({"images": torch.randn(6)}, ValueError, "image_features"),
             ({"images": torch.randn(6, 8, 1)}, ValueError, "image_features"),
             ({"images": torch.ones(6, 8, dtype=torch.long)}, TypeError, "image_features"),
-            ({"prompts": torch.randn(3, 8)}, ValueError, "subprompt_features"),
+            ({"prompts": torch.randn(8)}, ValueError, "subprompt_features"),
             ({"prompts": torch.randn(3, 4, 7)}, ValueError, "share the last dimension"),
             ({"prompts": torch.randn(3, 0, 8)}, ValueError, "subprompt_features"),  # K < 1
             ({"labels": torch.tensor([0, 1, 2, 3, 0, 1])}, ValueError, "labels"),
@@ -104,12 +104,14 @@ class TestSoftEMAssigner:
         images, prompts, labels = make_problem()
         args = {"images": images, "prompts": prompts, "labels": labels, "tau": 1.0} | change
         with pytest.raises(error, match=match):
-            SoftEMAssigner(mode)(args["images"], args["prompts"], args["labels"], tau=args["tau"])
+            SoftEMAssigner(mode=mode)(
+                args["images"], args["prompts"], args["labels"], tau=args["tau"]
+            )
 
     @pytest.mark.parametrize("mode", MODES)
     def test_cardinality_and_gathered_layout(self, mode) -> None:
         images, prompts, labels = make_problem(batch=6, classes=3, k=4)
-        assigner = SoftEMAssigner(mode)
+        assigner = SoftEMAssigner(mode=mode)
         indexed = assigner(images, prompts, labels, tau=0.7)
         assert indexed.shape == (6, 4) and indexed.dtype == images.dtype
         # A (B, K, D) table already gathered per image gives the same rows (sinkhorn: one group).
@@ -123,24 +125,24 @@ class TestSoftEMAssigner:
         prompts = torch.eye(2).unsqueeze(0)  # one class, sub-prompts e0 and e1
         labels = torch.tensor([0, 0])
         e = math.e
-        soft = SoftEMAssigner(scale=1.0)(images, prompts, labels, tau=1.0)
+        soft = SoftEMAssigner(logit_scale=1.0)(images, prompts, labels, tau=1.0)
         torch.testing.assert_close(
             soft, torch.tensor([[e / (1 + e), 1 / (1 + e)], [1 / (1 + e), e / (1 + e)]])
         )
-        sharper = SoftEMAssigner(scale=1.0)(images, prompts, labels, tau=0.5)
+        sharper = SoftEMAssigner(logit_scale=1.0)(images, prompts, labels, tau=0.5)
         p = e**2 / (1 + e**2)
         torch.testing.assert_close(sharper, torch.tensor([[p, 1 - p], [1 - p, p]]))
         # scale and tau enter only as scale / tau.
         torch.testing.assert_close(
-            SoftEMAssigner(scale=2.0)(images, prompts, labels, tau=1.0), sharper
+            SoftEMAssigner(logit_scale=2.0)(images, prompts, labels, tau=1.0), sharper
         )
-        hard = SoftEMAssigner("hard")(images, prompts, labels)
+        hard = SoftEMAssigner(mode="hard")(images, prompts, labels)
         torch.testing.assert_close(hard, torch.eye(2))
 
     def test_sinkhorn_hand_example(self) -> None:
         # All four images prefer sub-prompt 0; balance gives each sub-prompt half the mass.
         scores = torch.tensor([[5.0, 0.0], [4.0, 0.0], [3.0, 0.0], [2.0, 0.0]])
-        balanced = PF.sinkhorn(scores, iterations=50)
+        balanced = PF.sinkhorn(scores, sinkhorn_iterations=50)
         torch.testing.assert_close(balanced.sum(0), torch.tensor([2.0, 2.0]), atol=1e-3, rtol=0)
         assert_simplex_rows(balanced)
         # The ranking is kept: the image that prefers 0 most keeps the most of it.
@@ -154,8 +156,8 @@ class TestSoftEMAssigner:
         images = torch.randn(len(labels), 8)
         prompts = torch.randn(3, k, 8)
         prompts[:, 0] = 0.2 * prompts[:, 0] + images.mean(0)  # every image prefers sub-prompt 0
-        soft = SoftEMAssigner(scale=10.0)(images, prompts, labels)
-        balanced = SoftEMAssigner("sinkhorn", scale=10.0, sinkhorn_iterations=200)(
+        soft = SoftEMAssigner(logit_scale=10.0)(images, prompts, labels)
+        balanced = SoftEMAssigner(mode="sinkhorn", logit_scale=10.0, sinkhorn_iterations=200)(
             images, prompts, labels
         )
         assert_simplex_rows(balanced)
@@ -173,16 +175,16 @@ class TestSoftEMAssigner:
             PF.sinkhorn(scores), PF.sinkhorn(scores, torch.full((6,), 4, dtype=torch.long))
         )
         with pytest.raises(ValueError, match="iterations"):
-            PF.sinkhorn(scores, iterations=0)
+            PF.sinkhorn(scores, sinkhorn_iterations=0)
         with pytest.raises(ValueError, match="groups"):
             PF.sinkhorn(scores, torch.zeros(5, dtype=torch.long))
 
     def test_only_soft_mode_carries_gradient(self) -> None:
         images, prompts, labels = make_problem()
         prompts.requires_grad_()
-        assert SoftEMAssigner("soft")(images, prompts, labels).requires_grad
-        assert not SoftEMAssigner("hard")(images, prompts, labels).requires_grad
-        assert not SoftEMAssigner("sinkhorn")(images, prompts, labels).requires_grad
+        assert SoftEMAssigner(mode="soft")(images, prompts, labels).requires_grad
+        assert not SoftEMAssigner(mode="hard")(images, prompts, labels).requires_grad
+        assert not SoftEMAssigner(mode="sinkhorn")(images, prompts, labels).requires_grad
 
     def test_gradcheck(self) -> None:
         images = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
@@ -190,7 +192,7 @@ class TestSoftEMAssigner:
         labels = torch.tensor([0, 1, 1, 0, 1])
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return PF.responsibilities(x, t, labels, tau=0.7, scale=3.0)
+            return PF.responsibilities(x, t, labels, tau=0.7, logit_scale=3.0)
 
         assert torch.autograd.gradcheck(fn, (images, prompts))
 
@@ -200,9 +202,9 @@ class TestSoftEMAssigner:
         images, prompts, labels = make_problem()
         if gathered:
             prompts, labels = prompts[labels], None
-        assigner = SoftEMAssigner(mode, scale=20.0, sinkhorn_iterations=5)
+        assigner = SoftEMAssigner(mode=mode, logit_scale=20.0, sinkhorn_iterations=5)
         expected = PF.responsibilities(
-            images, prompts, labels, tau=0.4, scale=20.0, mode=mode, sinkhorn_iterations=5
+            images, prompts, labels, tau=0.4, logit_scale=20.0, mode=mode, sinkhorn_iterations=5
         )
         torch.testing.assert_close(assigner(images, prompts, labels, tau=0.4), expected)
         similarities = PF.own_class_similarities(images, prompts, labels)
@@ -218,7 +220,7 @@ class TestSoftEMAssigner:
         images = images.to(dtype).requires_grad_()
         prompts = prompts.to(dtype).requires_grad_()
         for mode in MODES:
-            gamma = SoftEMAssigner(mode)(images, prompts, labels, tau=0.5)
+            gamma = SoftEMAssigner(mode=mode)(images, prompts, labels, tau=0.5)
             assert gamma.dtype == dtype
             assert_simplex_rows(gamma.detach().float(), atol=1e-2)
         gamma = SoftEMAssigner()(images, prompts, labels, tau=0.5)
@@ -254,9 +256,9 @@ def test_property_invariant_to_rescaling_embeddings(problem, data) -> None:
         images * torch.from_numpy(image_scales),
         prompts * torch.from_numpy(prompt_scales),
         labels,
-        scale=5.0,
+        logit_scale=5.0,
     )
-    expected = PF.responsibilities(images, prompts, labels, scale=5.0)
+    expected = PF.responsibilities(images, prompts, labels, logit_scale=5.0)
     torch.testing.assert_close(rescaled, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -265,8 +267,8 @@ def test_property_permuting_subprompts_permutes_columns(problem, mode, rng) -> N
     images, prompts, labels = problem
     order = list(range(prompts.shape[1]))
     rng.shuffle(order)
-    permuted = PF.responsibilities(images, prompts[:, order], labels, scale=5.0, mode=mode)
-    expected = PF.responsibilities(images, prompts, labels, scale=5.0, mode=mode)[:, order]
+    permuted = PF.responsibilities(images, prompts[:, order], labels, logit_scale=5.0, mode=mode)
+    expected = PF.responsibilities(images, prompts, labels, logit_scale=5.0, mode=mode)[:, order]
     torch.testing.assert_close(permuted, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -302,7 +304,7 @@ def test_property_sinkhorn_balances_usage_per_class(problem) -> None:
     images, prompts, labels = problem
     k = prompts.shape[1]
     gamma = PF.responsibilities(
-        images, prompts, labels, scale=4.0, mode="sinkhorn", sinkhorn_iterations=300
+        images, prompts, labels, logit_scale=4.0, mode="sinkhorn", sinkhorn_iterations=300
     )
     for c in labels.unique():
         members = labels == c

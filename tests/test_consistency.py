@@ -60,12 +60,20 @@ class TestZeroShotConsistency:
         [
             ({"temperature": 0.0}, ValueError, "temperature"),
             ({"temperature": "1"}, TypeError, "temperature"),
+            ({"temperature": 1e20}, ValueError, r"T\^2 must be a normal float32"),
+            ({"temperature": 1e-20}, ValueError, r"T\^2 must be a normal float32"),
             ({"reduction": "avg"}, ValueError, "reduction"),
+            ({"reduction": "batchmean"}, ValueError, "reduction must be one of 'mean'"),
             ({"text_weight": -1.0}, ValueError, "text_weight"),
             ({"image_weight": float("nan")}, ValueError, "image_weight"),
             ({"reduction": "none", "text_weight": 1.0}, ValueError, "reduction='none'"),
             ({"logit_scale": 0.0}, ValueError, "logit_scale"),
             ({"zero_shot_text_features": torch.ones(2, 3, 4)}, ValueError, "zero_shot_text"),
+            (
+                {"zero_shot_text_features": torch.full((2, 4), float("nan"))},
+                ValueError,
+                "zero_shot_text_features must be finite",
+            ),
         ],
     )
     def test_bad_constructor_arguments(self, kwargs, error, match) -> None:
@@ -92,9 +100,7 @@ class TestZeroShotConsistency:
         with pytest.raises(TypeError, match="subprompt_features="):
             ZeroShotConsistency(text_weight=1.0)(torch.randn(2, 3), torch.randn(2, 3))
 
-    @pytest.mark.parametrize(
-        ("reduction", "shape"), [("batchmean", ()), ("mean", ()), ("sum", ()), ("none", (4,))]
-    )
+    @pytest.mark.parametrize(("reduction", "shape"), [("mean", ()), ("sum", ()), ("none", (4,))])
     def test_cardinality(self, reduction, shape) -> None:
         loss = ZeroShotConsistency(reduction=reduction)(torch.randn(4, 3), torch.randn(4, 3))
         assert loss.shape == shape
@@ -126,8 +132,10 @@ class TestZeroShotConsistency:
             PF.zero_shot_consistency(logits, zero_shot), per_sample.sum() / 2
         )
         torch.testing.assert_close(
-            PF.zero_shot_consistency(logits, zero_shot, reduction="mean"), per_sample.sum() / 4
+            PF.zero_shot_consistency(logits, zero_shot, reduction="sum"), per_sample.sum()
         )
+        averaged = PF.zero_shot_consistency(logits, zero_shot, average_over_classes=True)
+        torch.testing.assert_close(averaged, per_sample.sum() / 4)
         # Temperature 2: p_z = softmax([0, ln 3 / 2]) = (1, sqrt 3) / (1 + sqrt 3), times T^2 = 4.
         p = np.array([1.0, np.sqrt(3.0)]) / (1 + np.sqrt(3.0))
         expected = 4 * float((p * np.log(p / 0.5)).sum())
@@ -137,7 +145,8 @@ class TestZeroShotConsistency:
     def test_matches_promptsrc_and_prograd(self) -> None:
         logits, zero_shot = 30 * torch.randn(6, 5), 30 * torch.randn(6, 5)
         torch.testing.assert_close(
-            ZeroShotConsistency(reduction="mean")(logits, zero_shot), promptsrc(logits, zero_shot)
+            ZeroShotConsistency(average_over_classes=True)(logits, zero_shot),
+            promptsrc(logits, zero_shot),
         )
         # ProGrad reports the cross-entropy: KL + H(p_z), the same gradient.
         for t in (1.0, 2.0):
@@ -156,7 +165,7 @@ class TestZeroShotConsistency:
         logits, zero_shot = torch.randn(4, 3), torch.randn(4, 3)
         text, anchors = torch.randn(3, 8), torch.randn(3, 8)
         images, frozen_images = torch.randn(4, 8), torch.randn(4, 8)
-        module = ZeroShotConsistency(reduction="mean", text_weight=25.0, image_weight=10.0)
+        module = ZeroShotConsistency(average_over_classes=True, text_weight=25.0, image_weight=10.0)
         value = module(
             logits,
             zero_shot,
@@ -212,7 +221,10 @@ class TestZeroShotConsistency:
             lambda x: PF.zero_shot_consistency(x, zero_shot, temperature=temperature), (logits,)
         )
 
-    @pytest.mark.parametrize("kwargs", [{}, {"temperature": 2.0}, {"reduction": "none"}])
+    @pytest.mark.parametrize(
+        "kwargs",
+        [{}, {"temperature": 2.0}, {"reduction": "none"}, {"average_over_classes": True}],
+    )
     def test_module_equals_functional(self, kwargs) -> None:
         logits, zero_shot = torch.randn(5, 4), torch.randn(5, 4)
         torch.testing.assert_close(
@@ -279,3 +291,24 @@ def test_property_equal_logits_give_zero(pair, temperature, shift) -> None:
     # softmax is shift-invariant: a per-row constant shift is still "equal" logits.
     loss = PF.zero_shot_consistency(logits, logits + shift, temperature=temperature)
     assert abs(loss.item()) < 1e-4
+
+
+def test_a_nan_teacher_is_not_read_as_no_mass() -> None:
+    """NaN zero-shot logits gave 0.0 before 1.0 (NaN > 0 is False, so they cost nothing)."""
+    logits = torch.randn(4, 3)
+    teacher = torch.randn(4, 3)
+    teacher[1, 2] = float("nan")
+    assert torch.isnan(PF.zero_shot_consistency(logits, teacher))
+    assert torch.isnan(PF.zero_shot_consistency(logits, teacher, reduction="none")[1])
+    assert torch.isfinite(PF.zero_shot_consistency(logits, teacher, reduction="none")[0])
+    # A class the teacher gives no mass at all still costs nothing (0 log 0 = 0).
+    certain = torch.tensor([[0.0, -float("inf"), -float("inf")]])
+    assert torch.isfinite(PF.zero_shot_consistency(torch.zeros(1, 3), certain))
+
+
+@pytest.mark.parametrize("temperature", [1e20, 1e-20])
+def test_a_temperature_whose_square_leaves_float32_is_named(temperature) -> None:
+    with pytest.raises(ValueError, match=r"T\^2 must be a normal float32"):
+        PF.zero_shot_consistency(torch.randn(2, 3), torch.randn(2, 3), temperature=temperature)
+    finite = PF.zero_shot_consistency(torch.randn(2, 3), torch.randn(2, 3), temperature=1e18)
+    assert torch.isfinite(finite)

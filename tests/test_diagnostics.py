@@ -50,7 +50,7 @@ class TestMeanPairwiseCosine:
 
     def test_bad_input(self) -> None:
         with pytest.raises(ValueError, match="subprompt_features"):
-            diagnostics.mean_pairwise_cosine(torch.randn(3, 4))
+            diagnostics.mean_pairwise_cosine(torch.randn(4))
 
 
 class TestUsage:
@@ -88,7 +88,7 @@ class TestUsage:
     )
     def test_bad_inputs(self, gamma, labels, num_classes, error, match) -> None:
         with pytest.raises(error, match=match):
-            diagnostics.subprompt_usage(gamma, labels, num_classes)
+            diagnostics.subprompt_usage(gamma, labels, num_classes=num_classes)
 
     def test_usage_functions_reject_wrong_rank(self) -> None:
         with pytest.raises(ValueError, match="usage"):
@@ -172,7 +172,7 @@ class TestDetectCollapse:
              torch.tensor([0, 1]), "sum to 1"),
             (torch.randn(2, 3, 4), torch.tensor([[1.5, -0.5, 0.0]] * 2), torch.tensor([0, 1]),
              "non-negative"),
-            (torch.randn(3, 4), None, None, r"\(num_classes, K, dim\)"),
+            (torch.randn(4), None, None, r"\(num_classes, K, dim\)"),
             (torch.randn(0, 3, 4), None, None, "at least one class"),
         ],
     )

@@ -61,7 +61,9 @@ class TestInterClassDispersion:
     def test_own_subprompt_pairs_are_left_out(self) -> None:
         # Class 0's two sub-prompts coincide (cost 1 if counted); every other pair is orthogonal.
         features = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]] * 2])
-        torch.testing.assert_close(InterClassDispersion(1.0)(features), torch.tensor(math.exp(-2)))
+        torch.testing.assert_close(
+            InterClassDispersion(bandwidth=1.0)(features), torch.tensor(math.exp(-2))
+        )
 
     def test_single_class_is_a_connected_zero(self) -> None:
         features = torch.randn(1, 3, 8, requires_grad=True)
@@ -75,7 +77,8 @@ class TestInterClassDispersion:
     def test_module_equals_functional(self) -> None:
         features = torch.randn(4, 3, 8)
         torch.testing.assert_close(
-            InterClassDispersion(0.5)(features), PF.dispersion_loss(features, bandwidth=0.5)
+            InterClassDispersion(bandwidth=0.5)(features),
+            PF.dispersion_loss(features, bandwidth=0.5),
         )
 
     def test_gradient_spreads_the_classes(self) -> None:
@@ -109,7 +112,7 @@ class TestInterClassDispersion:
 class TestImagePrototypeLoss:
     def test_prototypes_and_value_match_dapt(self) -> None:
         frozen, labels = torch.randn(9, 8), torch.tensor([0, 1, 2] * 3)
-        prototypes = PF.class_prototypes(frozen, labels, 4)
+        prototypes = PF.class_prototypes(frozen, labels, num_classes=4)
         normed = F.normalize(frozen, dim=-1)
         for c in range(3):
             torch.testing.assert_close(prototypes[c], normed[labels == c].mean(0))
@@ -134,17 +137,17 @@ class TestImagePrototypeLoss:
         images = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
         prototypes, labels = torch.randn(3, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
         assert torch.autograd.gradcheck(
-            lambda x: PF.image_prototype_loss(x, prototypes, labels), (images,)
+            lambda x: PF.image_prototype_loss(x, labels, prototypes), (images,)
         )
         for dtype in (torch.float16, torch.bfloat16):
             half = images.detach().to(dtype).requires_grad_()
-            loss = PF.image_prototype_loss(half, prototypes.to(dtype), labels)
+            loss = PF.image_prototype_loss(half, labels, prototypes.to(dtype))
             loss.backward()
             assert torch.isfinite(loss) and torch.isfinite(half.grad).all()
 
     def test_empty_batch_is_a_connected_zero(self) -> None:
         images = torch.randn(0, 8, requires_grad=True)
-        loss = PF.image_prototype_loss(images, torch.randn(3, 8), torch.zeros(0, dtype=torch.long))
+        loss = PF.image_prototype_loss(images, torch.zeros(0, dtype=torch.long), torch.randn(3, 8))
         assert loss.item() == 0.0 and loss.requires_grad
 
 
@@ -169,3 +172,31 @@ def test_property_anti_parallel_counts_as_far_apart(vector, scale) -> None:
     assert abs(loss.item() - math.exp(-8.0)) < 1e-6
     orthogonal = torch.stack([torch.eye(2)[0], torch.eye(2)[1]])
     assert loss < PF.dispersion_loss(orthogonal, bandwidth=2.0)
+
+
+def test_class_prototypes_check_num_classes_and_labels() -> None:
+    images = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="num_classes must be >= 1 but is 0"):
+        PF.class_prototypes(images, torch.zeros(4, dtype=torch.long), num_classes=0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\] but ranges over \[0, 2\]"):
+        PF.class_prototypes(images, torch.tensor([0, 1, 2, 0]), num_classes=2)
+    with pytest.raises(TypeError, match=r"labels must be an integer torch\.Tensor but is a list"):
+        PF.class_prototypes(images, [0, 1, 0, 1], num_classes=2)
+
+
+def test_a_label_beyond_the_prototypes_is_nan_off_the_cpu(monkeypatch) -> None:
+    from promptmix import _validation
+
+    prototypes, images = torch.randn(2, 6), torch.randn(3, 6)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
+        PF.image_prototype_loss(images, torch.tensor([0, 1, 2]), prototypes)
+    monkeypatch.setattr(_validation, "HOST_CHECKS", False)  # the path a GPU takes
+    assert torch.isnan(PF.image_prototype_loss(images, torch.tensor([0, 1, 2]), prototypes))
+    assert torch.isfinite(PF.image_prototype_loss(images, torch.tensor([0, 1, 1]), prototypes))
+
+
+def test_dispersion_weighs_pairs_instead_of_masking_them() -> None:
+    """Pairs of one class's own sub-prompts are left out; the mean is over the others."""
+    features = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[-1.0, 0.0], [-1.0, 0.0]]])
+    # Every between-class pair is anti-parallel: exp(-2 * 4) each; own pairs (cost 1) left out.
+    torch.testing.assert_close(PF.dispersion_loss(features), torch.tensor(math.exp(-8.0)))

@@ -16,7 +16,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import promptmix.functional as PF
-from promptmix import AssignmentEntropy, SoftEMAssigner, distributed
+from promptmix import (
+    AssignmentEntropy,
+    MixtureOfPromptsLoss,
+    SoftEMAssigner,
+    UsageEstimate,
+    distributed,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("single_thread")]
 
@@ -38,15 +44,27 @@ def global_batch() -> dict[str, torch.Tensor]:
     return {"images": images, "prompts": prompts, "labels": labels, "logits": logits, "w": weights}
 
 
-def entropy_modules() -> dict[str, AssignmentEntropy]:
+#: A usage prior of the NUM_CLASSES classes over K sub-prompts (simplex rows).
+PRIOR = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [1 / 3, 1 / 3, 1 / 3]])
+
+
+def entropy_modules() -> dict[str, tuple[AssignmentEntropy, torch.Tensor | None]]:
     return {
-        "marginal": AssignmentEntropy("marginal", sync_distributed=True),
-        "mutual_information": AssignmentEntropy("mutual_information", sync_distributed=True),
-        "sample": AssignmentEntropy("sample", sync_distributed=True),
-        "marginal_prior": AssignmentEntropy(
-            "marginal", num_classes=NUM_CLASSES, n_subprompts=K, sync_distributed=True
+        "marginal": (AssignmentEntropy(mode="marginal", sync_distributed=True), None),
+        "mutual_information": (
+            AssignmentEntropy(mode="mutual_information", sync_distributed=True),
+            None,
         ),
+        "sample": (AssignmentEntropy(mode="sample", sync_distributed=True), None),
+        "marginal_prior": (AssignmentEntropy(mode="marginal", sync_distributed=True), PRIOR),
     }
+
+
+def synced_loss() -> MixtureOfPromptsLoss:
+    return MixtureOfPromptsLoss(
+        usage_estimate=UsageEstimate(num_classes=NUM_CLASSES, n_subprompts=K),
+        sync_distributed=True,
+    )
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -68,24 +86,28 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         result["gathered"] = gathered.detach()
         result["gathered_grad"] = x.grad
         result["labels_gathered"] = distributed.gather_no_grad(labels)
-        result["local_slice"] = distributed.local_slice(data["logits"], LOCAL_BATCH)
+        result["local_slice"] = distributed.local_slice(data["logits"], local_batch=LOCAL_BATCH)
 
-        for name, module in entropy_modules().items():
+        for name, (module, prior) in entropy_modules().items():
             logits = data["logits"][local].clone().requires_grad_()
-            value = module(logits.softmax(-1), labels)
+            value = module(logits.softmax(-1), labels, prior)
             value.backward()
             result[f"entropy_{name}"] = value.detach()
             result[f"entropy_{name}_grad"] = logits.grad
-            if module.usage is not None:
-                result[f"entropy_{name}_usage"] = module.usage.clone()
 
-        assigner = SoftEMAssigner("sinkhorn", scale=10.0, sync_distributed=True)
+        # The loss's usage estimate is updated from the global batch: every process holds the
+        # single-process estimate.
+        loss_fn = synced_loss()
+        loss_fn(data["images"][local], data["prompts"], labels)
+        result["usage"] = loss_fn.usage_estimate.usage.clone()
+
+        assigner = SoftEMAssigner(mode="sinkhorn", logit_scale=10.0, sync_distributed=True)
         result["sinkhorn"] = assigner(data["images"][local], data["prompts"], labels, tau=0.5)
-        local_only = SoftEMAssigner("sinkhorn", scale=10.0)
+        local_only = SoftEMAssigner(mode="sinkhorn", logit_scale=10.0)
         result["sinkhorn_local"] = local_only(
             data["images"][local], data["prompts"], labels, tau=0.5
         )
-        soft = SoftEMAssigner("soft", scale=10.0, sync_distributed=True)
+        soft = SoftEMAssigner(mode="soft", logit_scale=10.0, sync_distributed=True)
         result["soft"] = soft(data["images"][local], data["prompts"], labels, tau=0.5)
 
         # Unequal local batch sizes: every process must raise the same clear error (no hang).
@@ -95,7 +117,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             ("gather_no_grad", lambda: distributed.gather_no_grad(uneven)),
             (
                 "entropy",
-                lambda: AssignmentEntropy("marginal", sync_distributed=True)(
+                lambda: AssignmentEntropy(mode="marginal", sync_distributed=True)(
                     uneven, data["labels"][: LOCAL_BATCH - rank]
                 ),
             ),
@@ -152,21 +174,19 @@ def test_gather_helpers_are_identity_without_a_process_group() -> None:
     x = torch.randn(3, 2, requires_grad=True)
     assert distributed.gather_with_grad(x) is x
     assert distributed.gather_no_grad(x) is x
-    assert distributed.local_slice(x, 1) is x
+    assert distributed.local_slice(x, local_batch=1) is x
 
 
 @pytest.mark.parametrize("name", ["marginal", "mutual_information", "marginal_prior"])
 def test_synced_marginal_entropy_equals_single_process_value(shards, name) -> None:
     data = global_batch()
-    module = entropy_modules()[name]
+    module, prior = entropy_modules()[name]
     logits = data["logits"].clone().requires_grad_()
-    expected = module(logits.softmax(-1), data["labels"])
+    expected = module(logits.softmax(-1), data["labels"], prior)
     expected.backward()
     sharded_values = [shard[f"entropy_{name}"] for shard in shards]
     per_shard = [
-        entropy_modules()[name](
-            data["logits"][local(rank)].softmax(-1), data["labels"][local(rank)]
-        )
+        module(data["logits"][local(rank)].softmax(-1), data["labels"][local(rank)], prior)
         for rank in range(WORLD_SIZE)
     ]
     for rank, shard in enumerate(shards):
@@ -174,28 +194,40 @@ def test_synced_marginal_entropy_equals_single_process_value(shards, name) -> No
         torch.testing.assert_close(
             shard[f"entropy_{name}_grad"], WORLD_SIZE * logits.grad[local(rank)]
         )
-        if module.usage is not None:
-            torch.testing.assert_close(shard[f"entropy_{name}_usage"], module.usage)
     # Without the sync, the shards would disagree with the global value: the test can tell.
     assert not torch.allclose(per_shard[0].detach(), expected.detach(), atol=1e-4)
+
+
+def test_the_losss_usage_estimate_follows_the_global_batch(shards) -> None:
+    data = global_batch()
+    loss_fn = synced_loss()
+    loss_fn(data["images"], data["prompts"], data["labels"])
+    for shard in shards:
+        torch.testing.assert_close(shard["usage"], loss_fn.usage_estimate.usage)
+    local_only = MixtureOfPromptsLoss(
+        usage_estimate=UsageEstimate(num_classes=NUM_CLASSES, n_subprompts=K)
+    )
+    local_only(data["images"][local(0)], data["prompts"], data["labels"][local(0)])
+    assert not torch.allclose(local_only.usage_estimate.usage, loss_fn.usage_estimate.usage)
 
 
 def test_sample_entropy_is_not_synced(shards) -> None:
     data = global_batch()
     for rank, shard in enumerate(shards):
         gamma = data["logits"][local(rank)].softmax(-1)
-        torch.testing.assert_close(shard["entropy_sample"], PF.assignment_entropy(gamma))
+        expected = PF.assignment_entropy(gamma, mode="sample")
+        torch.testing.assert_close(shard["entropy_sample"], expected)
 
 
 def test_synced_sinkhorn_equals_single_process_assignment(shards) -> None:
     data = global_batch()
-    expected = SoftEMAssigner("sinkhorn", scale=10.0)(
+    expected = SoftEMAssigner(mode="sinkhorn", logit_scale=10.0)(
         data["images"], data["prompts"], data["labels"], tau=0.5
     )
     for rank, shard in enumerate(shards):
         torch.testing.assert_close(shard["sinkhorn"], expected[local(rank)])
         assert not torch.allclose(shard["sinkhorn_local"], expected[local(rank)], atol=1e-3)
-        soft = SoftEMAssigner("soft", scale=10.0)(
+        soft = SoftEMAssigner(mode="soft", logit_scale=10.0)(
             data["images"][local(rank)], data["prompts"], data["labels"][local(rank)], tau=0.5
         )
         torch.testing.assert_close(shard["soft"], soft)  # soft rows need no global batch

@@ -68,7 +68,7 @@ class TestDiversityLoss:
     @pytest.mark.parametrize(
         ("features", "error"),
         [
-            (torch.randn(3, 8), ValueError),  # rank 2
+            (torch.randn(8), ValueError),  # rank 1
             (torch.randn(2, 3, 4, 8), ValueError),  # rank 4
             (torch.ones(2, 3, 4, dtype=torch.long), TypeError),  # integer dtype
             (torch.randn(2, 0, 4), ValueError),  # K < 1

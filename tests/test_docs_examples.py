@@ -149,4 +149,5 @@ def test_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert namespace["subprompts"].grad.abs().sum() > 0
     assert namespace["loss_fn"].schedule.step_count.item() == 1
+    assert namespace["loss_fn"].usage_estimate.usage.sum().item() == pytest.approx(10.0)
     assert capsys.readouterr().out.startswith("mean sub-prompt cosine")

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import promptmix.functional as PF
-from promptmix import AssignmentEntropy
+from promptmix import AssignmentEntropy, UsageEstimate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -36,11 +36,14 @@ def assignments(draw, max_batch: int = 8, max_k: int = 6) -> tuple[torch.Tensor,
     return torch.softmax(torch.from_numpy(logits), dim=-1), torch.from_numpy(labels)
 
 
-def prior_module(mode: str = "marginal", **kwargs) -> AssignmentEntropy:
-    module = AssignmentEntropy(mode, num_classes=2, n_subprompts=2, **kwargs)
-    with torch.no_grad():
-        module.usage.copy_(torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
-    return module
+#: A running usage estimate of 2 classes: class 0 uses sub-prompt 0, class 1 sub-prompt 1.
+PRIOR = torch.tensor([[0.9, 0.1], [0.1, 0.9]])
+
+
+def with_prior(mode: str = "marginal", **kwargs):
+    """An entropy module and the usage prior to call it with."""
+    module = AssignmentEntropy(mode=mode, **kwargs)
+    return lambda gamma, labels=None: module(gamma, labels, PRIOR)
 
 
 class TestEntropyFunction:
@@ -68,14 +71,8 @@ class TestAssignmentEntropy:
         ("kwargs", "error", "match"),
         [
             ({"mode": "joint"}, ValueError, "mode"),
-            ({"momentum": 1.0}, ValueError, "momentum"),
-            ({"momentum": "0.9"}, TypeError, "momentum"),
             ({"prior_count": -1.0}, ValueError, "prior_count"),
-            ({"mode": "marginal", "num_classes": 3}, ValueError, "n_subprompts"),
-            ({"mode": "marginal", "n_subprompts": 3}, ValueError, "num_classes"),
-            ({"mode": "marginal", "num_classes": 0, "n_subprompts": 3}, ValueError, "num_classes"),
-            ({"mode": "marginal", "num_classes": 2, "n_subprompts": 0}, ValueError, "n_subprompts"),
-            ({"mode": "marginal", "num_classes": 2.0, "n_subprompts": 2}, TypeError, "num_classes"),
+            ({"prior_count": "4"}, TypeError, "prior_count"),
         ],
     )
     def test_bad_constructor_arguments(self, kwargs, error, match) -> None:
@@ -99,23 +96,23 @@ class TestAssignmentEntropy:
     @pytest.mark.parametrize("mode", MODES)
     def test_bad_inputs(self, mode, responsibilities, labels, error, match) -> None:
         with pytest.raises(error, match=match):
-            AssignmentEntropy(mode)(responsibilities, labels)
+            AssignmentEntropy(mode=mode)(responsibilities, labels)
 
     @pytest.mark.parametrize("mode", MODES)
     def test_nan_responsibilities_give_nan_not_an_error_about_them(self, mode) -> None:
         # NaN comes from upstream (NaN features): it propagates, per docs/reliability.md.
-        value = AssignmentEntropy(mode)(torch.tensor([[float("nan"), 1.0], [0.5, 0.5]]))
+        value = AssignmentEntropy(mode=mode)(torch.tensor([[float("nan"), 1.0], [0.5, 0.5]]))
         assert torch.isnan(value)
 
-    def test_labels_out_of_range_with_a_usage_buffer(self) -> None:
+    def test_labels_out_of_range_with_a_usage_prior(self) -> None:
         with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
-            prior_module()(torch.full((2, 2), 0.5), torch.tensor([0, 2]))
+            with_prior()(torch.full((2, 2), 0.5), torch.tensor([0, 2]))
         with pytest.raises(ValueError, match="labels"):
-            prior_module()(torch.full((2, 2), 0.5), torch.tensor([-1, 0]))
+            with_prior()(torch.full((2, 2), 0.5), torch.tensor([-1, 0]))
 
-    def test_k_must_match_the_usage_buffer(self) -> None:
-        with pytest.raises(ValueError, match="responsibilities"):
-            prior_module()(torch.full((2, 3), 1 / 3), torch.tensor([0, 1]))
+    def test_k_must_match_the_usage_prior(self) -> None:
+        with pytest.raises(ValueError, match="usage_prior must have shape"):
+            with_prior()(torch.full((2, 3), 1 / 3), torch.tensor([0, 1]))
 
     def test_functional_argument_errors(self) -> None:
         uniform = torch.full((2, 2), 0.5)
@@ -128,7 +125,9 @@ class TestAssignmentEntropy:
 
     @pytest.mark.parametrize("mode", MODES)
     def test_cardinality(self, mode) -> None:
-        out = AssignmentEntropy(mode)(torch.randn(5, 3).softmax(-1), torch.tensor([0, 1, 0, 2, 1]))
+        out = AssignmentEntropy(mode=mode)(
+            torch.randn(5, 3).softmax(-1), torch.tensor([0, 1, 0, 2, 1])
+        )
         assert out.shape == ()
 
     def test_hand_computed_values(self) -> None:
@@ -136,14 +135,16 @@ class TestAssignmentEntropy:
         labels = torch.tensor([0, 0, 1])
         sample = h(0.8, 0.2) / 3  # the two one-hot rows have zero entropy
         marginal = (math.log(2) + h(0.8, 0.2)) / 2  # class 0 mean (0.5, 0.5), class 1 (0.8, 0.2)
-        values = {mode: AssignmentEntropy(mode)(gamma, labels).item() for mode in MODES}
+        values = {mode: AssignmentEntropy(mode=mode)(gamma, labels).item() for mode in MODES}
         assert values["sample"] == pytest.approx(sample, rel=1e-6)
         assert values["marginal"] == pytest.approx(marginal, rel=1e-6)
         # Per class: class 0 has H(0.5, 0.5) - 0, class 1 has H(0.8, 0.2) - H(0.8, 0.2).
         assert values["mutual_information"] == pytest.approx(math.log(2) / 2, rel=1e-6)
         # Without labels the batch is one class: mean (0.6, 0.4).
-        assert AssignmentEntropy("marginal")(gamma).item() == pytest.approx(h(0.6, 0.4), rel=1e-6)
-        normalized = AssignmentEntropy("marginal", normalize=True)(gamma, labels).item()
+        assert AssignmentEntropy(mode="marginal")(gamma).item() == pytest.approx(
+            h(0.6, 0.4), rel=1e-6
+        )
+        normalized = AssignmentEntropy(mode="marginal", normalize=True)(gamma, labels).item()
         assert normalized == pytest.approx(marginal / math.log(2), rel=1e-6)
 
     def test_hand_computed_value_with_usage_prior(self) -> None:
@@ -179,19 +180,23 @@ class TestAssignmentEntropy:
         uniform = torch.full((7, k), 1 / k)
         one_hot = torch.eye(k)
         for mode in ("sample", "marginal"):
-            assert AssignmentEntropy(mode)(uniform).item() == pytest.approx(math.log(k))
-        assert AssignmentEntropy("sample")(one_hot).item() == 0.0
+            assert AssignmentEntropy(mode=mode)(uniform).item() == pytest.approx(math.log(k))
+        assert AssignmentEntropy(mode="sample")(one_hot).item() == 0.0
         # Every image certain, usage spread evenly: marginal and mutual information are log K.
-        assert AssignmentEntropy("marginal")(one_hot).item() == pytest.approx(math.log(k))
-        assert AssignmentEntropy("mutual_information")(one_hot).item() == pytest.approx(math.log(k))
-        assert AssignmentEntropy("mutual_information")(uniform).item() == pytest.approx(0, abs=1e-6)
+        assert AssignmentEntropy(mode="marginal")(one_hot).item() == pytest.approx(math.log(k))
+        assert AssignmentEntropy(mode="mutual_information")(one_hot).item() == pytest.approx(
+            math.log(k)
+        )
+        assert AssignmentEntropy(mode="mutual_information")(uniform).item() == pytest.approx(
+            0, abs=1e-6
+        )
 
     @pytest.mark.parametrize("mode", MODES)
     @pytest.mark.parametrize("shape", [(4, 1), (0, 3)])
     def test_single_subprompt_or_empty_batch_is_a_connected_zero(self, mode, shape) -> None:
         logits = torch.randn(shape, requires_grad=True)
         labels = torch.zeros(shape[0], dtype=torch.long)
-        value = AssignmentEntropy(mode, normalize=True)(logits.softmax(-1), labels)
+        value = AssignmentEntropy(mode=mode, normalize=True)(logits.softmax(-1), labels)
         assert value.item() == 0.0 and value.requires_grad
         value.backward()
         assert torch.equal(logits.grad, torch.zeros(shape))
@@ -207,9 +212,9 @@ class TestAssignmentEntropy:
             return PF.assignment_entropy(
                 x.softmax(-1),
                 labels,
+                prior if with_prior else None,
                 mode=mode,
-                usage_prior=prior if with_prior else None,
-                prior_count=3.0 if with_prior else 0.0,
+                prior_count=3.0,
             )
 
         assert torch.autograd.gradcheck(fn, (logits,))
@@ -219,24 +224,26 @@ class TestAssignmentEntropy:
     def test_module_equals_functional(self, mode, normalize) -> None:
         gamma = torch.randn(6, 4).softmax(-1)
         labels = torch.tensor([0, 1, 1, 2, 2, 2])
-        module = AssignmentEntropy(mode, normalize=normalize)
+        module = AssignmentEntropy(mode=mode, normalize=normalize)
         expected = PF.assignment_entropy(gamma, labels, mode=mode, normalize=normalize)
         torch.testing.assert_close(module(gamma, labels), expected)
 
     @pytest.mark.parametrize("mode", ["marginal", "mutual_information"])
-    def test_module_with_buffer_equals_functional_with_prior(self, mode) -> None:
-        module = AssignmentEntropy(mode, num_classes=3, n_subprompts=4, prior_count=2.5)
-        with torch.no_grad():
-            module.usage.copy_(torch.randn(3, 4).softmax(-1))
-        prior = module.usage.clone()
+    def test_module_with_prior_equals_functional_with_prior(self, mode) -> None:
+        module = AssignmentEntropy(mode=mode, prior_count=2.5)
+        prior = torch.randn(3, 4).softmax(-1)
         gamma = torch.randn(5, 4).softmax(-1)
         labels = torch.tensor([0, 2, 2, 0, 2])
-        expected = PF.assignment_entropy(
-            gamma, labels, mode=mode, usage_prior=prior, prior_count=2.5
-        )
-        torch.testing.assert_close(module(gamma, labels), expected)
+        expected = PF.assignment_entropy(gamma, labels, prior, mode=mode, prior_count=2.5)
+        torch.testing.assert_close(module(gamma, labels, prior), expected)
         # The prior changes the value: a class with 2-3 images is not its own marginal here.
         assert not torch.allclose(expected, PF.assignment_entropy(gamma, labels, mode=mode))
+
+    def test_sample_mode_ignores_the_prior(self) -> None:
+        gamma = torch.randn(5, 2).softmax(-1)
+        labels = torch.tensor([0, 1, 1, 0, 1])
+        module = AssignmentEntropy(mode="sample")
+        torch.testing.assert_close(module(gamma, labels, PRIOR), module(gamma, labels))
 
     def test_prior_pushes_single_images_toward_the_underused_subprompt(self) -> None:
         # One image per class, each undecided (0.5, 0.5). Class 0 has been using sub-prompt 0,
@@ -245,71 +252,32 @@ class TestAssignmentEntropy:
         # the sub-prompt its class under-uses.
         labels = torch.tensor([0, 1])
         logits = torch.zeros(2, 2, requires_grad=True)
-        prior_module()(logits.softmax(-1), labels).backward()
+        with_prior()(logits.softmax(-1), labels).backward()
         grad = logits.grad
         assert grad[0, 1] > 0 > grad[0, 0], grad  # class 0: toward sub-prompt 1
         assert grad[1, 0] > 0 > grad[1, 1], grad  # class 1: toward sub-prompt 0
 
         plain = torch.zeros(2, 2, requires_grad=True)
-        AssignmentEntropy("marginal")(plain.softmax(-1), labels).backward()
+        AssignmentEntropy(mode="marginal")(plain.softmax(-1), labels).backward()
         torch.testing.assert_close(plain.grad, torch.zeros(2, 2))
 
     def test_prior_pushes_even_when_the_image_already_leans_on_the_used_subprompt(self) -> None:
         logits = torch.tensor([[2.0, 0.0]], requires_grad=True)  # image of class 0 leans on 0
-        prior_module()(logits.softmax(-1), torch.tensor([0])).backward()
+        with_prior()(logits.softmax(-1), torch.tensor([0])).backward()
         assert logits.grad[0, 1] > 0 > logits.grad[0, 0]
-
-    def test_usage_buffer_updates_in_train_mode_only(self) -> None:
-        module = prior_module(momentum=0.75)
-        gamma = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
-        labels = torch.tensor([0, 0])  # class 1 absent: its estimate must not move
-
-        module.eval()
-        module(gamma, labels)
-        torch.testing.assert_close(module.usage, torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
-
-        module.train()
-        module(gamma, labels)
-        expected_class0 = 0.75 * torch.tensor([0.9, 0.1]) + 0.25 * torch.tensor([0.0, 1.0])
-        torch.testing.assert_close(module.usage[0], expected_class0)
-        torch.testing.assert_close(module.usage[1], torch.tensor([0.1, 0.9]))
-
-        module(gamma)  # no labels: no prior is used and the estimate cannot be attributed
-        torch.testing.assert_close(module.usage[0], expected_class0)
-
-    def test_usage_update_does_not_change_the_returned_value(self) -> None:
-        gamma = torch.tensor([[0.3, 0.7]])
-        labels = torch.tensor([0])
-        trained = prior_module()
-        evaluated = prior_module().eval()
-        torch.testing.assert_close(trained(gamma, labels), evaluated(gamma, labels))
-
-    def test_usage_buffer_is_saved_and_restored(self) -> None:
-        module = prior_module()
-        module(torch.tensor([[0.0, 1.0]]), torch.tensor([0]))
-        state = module.state_dict()
-        assert set(state) == {"usage"}
-        restored = AssignmentEntropy("marginal", num_classes=2, n_subprompts=2)
-        torch.testing.assert_close(restored.usage, torch.full((2, 2), 0.5))  # starts uniform
-        restored.load_state_dict(state)
-        torch.testing.assert_close(restored.usage, module.usage)
-
-    def test_no_buffer_for_sample_mode(self) -> None:
-        module = AssignmentEntropy("sample", num_classes=2, n_subprompts=2)
-        assert module.usage is None and "usage" not in module.state_dict()
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     @pytest.mark.parametrize("mode", MODES)
     def test_half_precision_finite(self, mode, dtype) -> None:
         logits = torch.randn(6, 4).to(dtype).requires_grad_()
         labels = torch.tensor([0, 1, 1, 2, 2, 2])
-        module = AssignmentEntropy(mode, num_classes=3, n_subprompts=4)
-        value = module(logits.softmax(-1), labels)
+        module = AssignmentEntropy(mode=mode)
+        prior = torch.full((3, 4), 0.25)
+        value = module(logits.softmax(-1), labels, prior)
         value.backward()
         assert torch.isfinite(value) and torch.isfinite(logits.grad).all()
         assert logits.grad.abs().sum() > 0
-        reference = AssignmentEntropy(mode, num_classes=3, n_subprompts=4)
-        expected = reference(logits.detach().float().softmax(-1), labels)
+        expected = module(logits.detach().float().softmax(-1), labels, prior)
         torch.testing.assert_close(value.float(), expected, atol=3e-2, rtol=0)
 
 
@@ -365,7 +333,7 @@ def test_property_uniform_gives_log_k(batch, k, mode) -> None:
 def test_property_one_hot_gives_zero_sample_entropy(args) -> None:
     k, choices = args
     one_hot = torch.nn.functional.one_hot(torch.tensor(choices), k).float()
-    assert PF.assignment_entropy(one_hot).item() == 0.0
+    assert PF.assignment_entropy(one_hot, mode="sample").item() == 0.0
     # ... and the marginal entropy is the entropy of the usage counts.
     counts = torch.bincount(torch.tensor(choices), minlength=k).double() / len(choices)
     expected = PF.entropy(counts).item()
@@ -383,7 +351,23 @@ def test_property_finite_gradients_in_half_precision(data, mode, dtype) -> None:
 
 def test_wrong_k_names_the_constructor_argument() -> None:
     """The message names `n_subprompts`, what the user wrote, not the internal usage buffer."""
-    entropy = AssignmentEntropy("marginal", num_classes=4, n_subprompts=3)
-    with pytest.raises(ValueError, match=r"K=2 .* n_subprompts=3") as error:
-        entropy(torch.full((5, 2), 0.5), torch.zeros(5, dtype=torch.long))
-    assert "usage" not in str(error.value)
+    estimate = UsageEstimate(num_classes=4, n_subprompts=3)
+    with pytest.raises(ValueError, match=r"\(batch, 3\).*n_subprompts=3") as error:
+        estimate.update(torch.full((5, 2), 0.5), torch.zeros(5, dtype=torch.long))
+    assert "buffer" not in str(error.value)
+
+
+def test_default_mode_is_the_losss() -> None:
+    """One default: the module, its function and the loss all use the marginal entropy."""
+    from promptmix import MixtureOfPromptsLoss
+
+    assert AssignmentEntropy().mode == "marginal"
+    assert MixtureOfPromptsLoss().entropy.mode == "marginal"
+    gamma, labels = torch.randn(6, 3).softmax(-1), torch.tensor([0, 0, 1, 1, 2, 2])
+    torch.testing.assert_close(
+        AssignmentEntropy()(gamma, labels),
+        PF.assignment_entropy(gamma, labels, mode="marginal"),
+    )
+    torch.testing.assert_close(
+        PF.assignment_entropy(gamma, labels), PF.assignment_entropy(gamma, labels, mode="marginal")
+    )

@@ -39,7 +39,7 @@ class TestPairwiseCosine:
     @pytest.mark.parametrize(
         ("features", "error"),
         [
-            (torch.randn(3, 4), ValueError),
+            (torch.randn(4), ValueError),
             (torch.ones(1, 2, 3, dtype=torch.int32), TypeError),
             (torch.randn(2, 0, 3), ValueError),
         ],
@@ -71,7 +71,7 @@ class TestSimilarities:
         ("images", "prompts", "match"),
         [
             (torch.randn(4), torch.randn(2, 3, 4), "image_features"),
-            (torch.randn(5, 4), torch.randn(2, 4), "subprompt_features"),
+            (torch.randn(5, 4), torch.randn(4), "subprompt_features"),
             (torch.randn(5, 4), torch.randn(2, 3, 5), "share the last dimension"),
             (torch.randn(5, 4), torch.randn(2, 0, 4), "subprompt_features"),
         ],
@@ -117,14 +117,22 @@ class TestClassLogits:
         }
         for aggregation, values in expected.items():
             logits = PF.class_logits(
-                self.SIMS, logit_scale=10.0, aggregation=aggregation, assigner_scale=10.0
+                self.SIMS,
+                logit_scale=10.0,
+                aggregation=aggregation,
+                tau=1.0,
+                assignment_logit_scale=10.0,
             )
             torch.testing.assert_close(logits, torch.tensor([values]), msg=aggregation)
 
     def test_responsibility_weights_are_constants(self) -> None:
         similarities = self.SIMS.clone().requires_grad_()
         logits = PF.class_logits(
-            similarities, logit_scale=10.0, aggregation="responsibility", assigner_scale=10.0
+            similarities,
+            logit_scale=10.0,
+            aggregation="responsibility",
+            tau=1.0,
+            assignment_logit_scale=10.0,
         )
         logits[0, 1].backward()
         weights = torch.softmax(torch.tensor([1.0, 3.0]), dim=0)
@@ -241,13 +249,17 @@ def test_torch_compile_matches_eager() -> None:
 
     compiled_responsibilities = torch.compile(PF.responsibilities, backend="aot_eager")
     for mode in ("soft", "sinkhorn"):
-        expected = PF.responsibilities(images, features, labels, tau=0.5, scale=10.0, mode=mode)
-        actual = compiled_responsibilities(images, features, labels, tau=0.5, scale=10.0, mode=mode)
+        expected = PF.responsibilities(
+            images, features, labels, tau=0.5, logit_scale=10.0, mode=mode
+        )
+        actual = compiled_responsibilities(
+            images, features, labels, tau=0.5, logit_scale=10.0, mode=mode
+        )
         torch.testing.assert_close(actual, expected)
     weights = torch.linspace(-1, 1, 4)
-    soft = compiled_responsibilities(images, features, labels, tau=0.5, scale=10.0)
+    soft = compiled_responsibilities(images, features, labels, tau=0.5, logit_scale=10.0)
     compiled_grads = torch.autograd.grad((soft * weights).sum(), (images, features))
-    eager = PF.responsibilities(images, features, labels, tau=0.5, scale=10.0)
+    eager = PF.responsibilities(images, features, labels, tau=0.5, logit_scale=10.0)
     eager_grads = torch.autograd.grad((eager * weights).sum(), (images, features))
     for actual, expected in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(actual, expected)

@@ -123,3 +123,22 @@ def test_wrong_feature_dimension_names_the_argument(model, tokenizer) -> None:
     images, labels = _images([0, 1, 2], dim=8)
     with pytest.raises(ValueError, match="image_features must have dim 16"):
         initialize_from_kmeans(prompts, images, labels)
+
+
+def test_inputs_are_checked_before_the_learner_changes(model, tokenizer) -> None:
+    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2)
+    before = prompts.offsets.detach().clone()
+    images, labels = _images([0, 1, 2] * 2)
+    with pytest.raises(TypeError, match=r"labels must be an integer torch\.Tensor but is a list"):
+        initialize_from_kmeans(prompts, images, labels.tolist())
+    nan_images = images.clone()
+    nan_images[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="image_features must be finite"):
+        initialize_from_kmeans(prompts, nan_images, labels)
+    zero_images = images.clone()
+    zero_images[labels == 2] = 0.0  # a class of all-zero features is not a class without images
+    with pytest.raises(ValueError, match=r"image_features must have no zero rows"):
+        initialize_from_kmeans(prompts, zero_images, labels)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
+        initialize_from_kmeans(prompts, images, labels + 1)
+    assert torch.equal(prompts.offsets, before)

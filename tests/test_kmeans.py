@@ -24,7 +24,7 @@ def _clusters(seed: int, n_per: int = 6, centres: int = 3, dim: int = 5) -> torc
 
 def test_smoke_shapes_and_dtype() -> None:
     points = torch.randn(20, 7, dtype=torch.float64)
-    result = PF.spherical_kmeans(points, 3)
+    result = PF.spherical_kmeans(points, n_subprompts=3)
     assert result.centroids.shape == (3, 7)
     assert result.assignments.shape == (20,)
     assert result.centroids.dtype == torch.float64
@@ -34,11 +34,11 @@ def test_smoke_shapes_and_dtype() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        (dict(n_clusters=0), ValueError, "n_clusters must be >= 1"),
-        (dict(n_clusters=11), ValueError, "n_clusters must be <= the number of points"),
-        (dict(n_clusters=2, iterations=-1), ValueError, "iterations"),
-        (dict(n_clusters=2, restarts=0), ValueError, "restarts"),
-        (dict(n_clusters=2.0), TypeError, "n_clusters must be an int"),
+        (dict(n_subprompts=0), ValueError, "n_subprompts must be >= 1"),
+        (dict(n_subprompts=11), ValueError, "n_subprompts must be <= the number of points"),
+        (dict(n_subprompts=2, iterations=-1), ValueError, "iterations"),
+        (dict(n_subprompts=2, restarts=0), ValueError, "restarts"),
+        (dict(n_subprompts=2.0), TypeError, "n_subprompts must be an int"),
     ],
 )
 def test_spherical_kmeans_bad_arguments(kwargs: dict, error: type, match: str) -> None:
@@ -48,7 +48,7 @@ def test_spherical_kmeans_bad_arguments(kwargs: dict, error: type, match: str) -
 
 def test_spherical_kmeans_rejects_wrong_rank() -> None:
     with pytest.raises(ValueError, match=r"features must have shape \(n, dim\)"):
-        PF.spherical_kmeans(torch.randn(2, 3, 4), 2)
+        PF.spherical_kmeans(torch.randn(2, 3, 4), n_subprompts=2)
 
 
 def test_kmeans_subprompts_bad_arguments() -> None:
@@ -63,7 +63,7 @@ def test_kmeans_subprompts_bad_arguments() -> None:
 
 def test_recovers_separated_clusters() -> None:
     points = _clusters(0)
-    result = PF.spherical_kmeans(points, 3, generator=torch.Generator().manual_seed(0))
+    result = PF.spherical_kmeans(points, n_subprompts=3, generator=torch.Generator().manual_seed(0))
     truth = torch.arange(3).repeat_interleave(6)
     # Each true cluster maps to exactly one found cluster, and vice versa.
     pairs = set(zip(truth.tolist(), result.assignments.tolist(), strict=True))
@@ -75,7 +75,7 @@ def test_recovers_separated_clusters() -> None:
 
 def test_one_cluster_is_the_normalised_mean() -> None:
     points = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-    result = PF.spherical_kmeans(points, 1)
+    result = PF.spherical_kmeans(points, n_subprompts=1)
     expected = torch.tensor([[1.0, 1.0]]) / 2**0.5
     assert torch.allclose(result.centroids, expected)
     assert torch.allclose(result.objective, torch.tensor(2 / 2**0.5))
@@ -84,7 +84,7 @@ def test_one_cluster_is_the_normalised_mean() -> None:
 def test_duplicate_points_more_clusters_than_directions() -> None:
     # Two distinct directions, three clusters: k-means++ must still seed three distinct points.
     points = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3)
-    result = PF.spherical_kmeans(points, 3, generator=torch.Generator().manual_seed(1))
+    result = PF.spherical_kmeans(points, n_subprompts=3, generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(result.centroids).all()
     assert torch.allclose(result.objective, torch.tensor(6.0))
 
@@ -94,7 +94,11 @@ def test_objective_never_decreases_over_iterations(seed: int, k: int, iterations
     points = torch.randn(25, 4, generator=torch.Generator().manual_seed(seed))
     objectives = [
         PF.spherical_kmeans(
-            points, k, iterations=i, restarts=1, generator=torch.Generator().manual_seed(seed)
+            points,
+            n_subprompts=k,
+            iterations=i,
+            restarts=1,
+            generator=torch.Generator().manual_seed(seed),
         ).objective.item()
         for i in range(iterations + 1)
     ]
@@ -118,10 +122,14 @@ def test_centroids_on_the_sphere(seed: int, k: int, restarts: int) -> None:
 def test_restarts_take_the_best_objective() -> None:
     points = torch.randn(40, 3, generator=torch.Generator().manual_seed(3))
     single = [
-        PF.spherical_kmeans(points, 4, restarts=1, generator=torch.Generator().manual_seed(s))
+        PF.spherical_kmeans(
+            points, n_subprompts=4, restarts=1, generator=torch.Generator().manual_seed(s)
+        )
         for s in range(5)
     ]
-    best = PF.spherical_kmeans(points, 4, restarts=5, generator=torch.Generator().manual_seed(0))
+    best = PF.spherical_kmeans(
+        points, n_subprompts=4, restarts=5, generator=torch.Generator().manual_seed(0)
+    )
     assert best.objective >= max(r.objective for r in single[:1]) - 1e-6
 
 
@@ -168,3 +176,35 @@ def test_deterministic_with_a_generator() -> None:
         for _ in range(2)
     )
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize(
+    ("features", "match"),
+    [
+        (torch.tensor([[1.0, 0.0], [float("nan"), 1.0], [0.0, 1.0]]), "features must be finite"),
+        (torch.tensor([[1.0, 0.0], [float("inf"), 1.0], [0.0, 1.0]]), "features must be finite"),
+        (torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]), r"no zero rows .* rows \[1\]"),
+        (torch.zeros(3, 0), r"dim >= 1 but has shape \(3, 0\)"),
+    ],
+)
+def test_points_k_means_cannot_use_are_named(features, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        PF.spherical_kmeans(features, n_subprompts=2)
+    labels = torch.zeros(len(features), dtype=torch.long)
+    with pytest.raises(ValueError, match=match.replace("features", "image_features")):
+        PF.kmeans_subprompts(features, labels, num_classes=1, n_subprompts=2)
+
+
+def test_a_class_of_zero_features_is_not_a_class_without_images() -> None:
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"zero rows .* rows \[2, 3\]"):
+        PF.kmeans_subprompts(images, labels, num_classes=2, n_subprompts=2)
+
+
+def test_labels_are_checked_as_class_indices() -> None:
+    images = torch.randn(4, 3)
+    with pytest.raises(TypeError, match=r"labels must be an integer torch\.Tensor but is a list"):
+        PF.kmeans_subprompts(images, [0, 0, 1, 1], num_classes=2, n_subprompts=1)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\] but ranges over \[0, 2\]"):
+        PF.kmeans_subprompts(images, torch.tensor([0, 0, 1, 2]), num_classes=2, n_subprompts=1)

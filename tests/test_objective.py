@@ -18,8 +18,11 @@ from promptmix import (
     AssignmentEntropy,
     DiversityLoss,
     MixtureOfPromptsLoss,
+    PromptAnchor,
     SoftEMAssigner,
     TemperatureSchedule,
+    UsageEstimate,
+    UsageFloor,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -53,7 +56,7 @@ def make_loss(
     *,
     assignment: str = "soft",
     entropy_mode: str = "marginal",
-    assigner_scale: float = 100.0,
+    assignment_logit_scale: float = 100.0,
     num_classes: int | None = None,
     n_subprompts: int | None = None,
     **kwargs,
@@ -64,11 +67,13 @@ def make_loss(
     says otherwise, so the tests do not depend on the library's default weights.
     """
     kwargs = {"diversity_weight": 0.1, "entropy_weight": 0.3, "mixture_weight": 1.0} | kwargs
+    estimate = None
+    if num_classes is not None and n_subprompts is not None:
+        estimate = UsageEstimate(num_classes=num_classes, n_subprompts=n_subprompts)
     return MixtureOfPromptsLoss(
-        assigner=SoftEMAssigner(assignment, scale=assigner_scale),
-        entropy=AssignmentEntropy(
-            entropy_mode, num_classes=num_classes, n_subprompts=n_subprompts
-        ),
+        assigner=SoftEMAssigner(mode=assignment, logit_scale=assignment_logit_scale),
+        entropy=AssignmentEntropy(mode=entropy_mode),
+        usage_estimate=estimate,
         **kwargs,
     )
 
@@ -81,7 +86,18 @@ def problem(batch: int = 6, classes: int = 4, k: int = 3, dim: int = 8, dtype=to
 
 
 def reference(
-    images, prompts, labels, *, logit_scale, tau, scale, wm, wd, we, detach=True, mode="sample"
+    images,
+    prompts,
+    labels,
+    *,
+    logit_scale,
+    tau,
+    estep_scale,
+    wm,
+    wd,
+    we,
+    detach=True,
+    mode="sample",
 ):
     """The objective written out from the formula, without promptmix."""
     x = images / images.norm(dim=-1, keepdim=True)
@@ -91,7 +107,7 @@ def reference(
     logits = torch.logsumexp(logit_scale * cos, dim=-1) - math.log(k)
     ce = F.cross_entropy(logits, labels)
     own = cos[torch.arange(len(labels)), labels]
-    soft = torch.softmax(scale * own / tau, dim=-1)
+    soft = torch.softmax(estep_scale * own / tau, dim=-1)
     targets = soft.detach() if detach else soft
     mixture = (targets * (1 - own)).sum(-1).mean()
     present = t[labels.unique()]
@@ -142,8 +158,9 @@ class TestMixtureOfPromptsLoss:
             ({"tau": 0.0}, ValueError, "tau"),
             ({"tau": -0.3}, ValueError, "tau"),
             ({"assigner": "sinkhorn"}, TypeError, "assigner must be an instance of SoftEMAssigner"),
-            ({"entropy": DiversityLoss()}, TypeError, "entropy must be an instance of Assign"),
-            ({"diversity": AssignmentEntropy()}, TypeError, "diversity must be an instance of Div"),
+            ({"entropy": torch.nn.Linear(2, 2)}, TypeError, r"entropy \(Linear\) must declare"),
+            ({"diversity": "mean"}, TypeError, "diversity must hold an nn.Module"),
+            ({"usage_estimate": torch.zeros(2, 2)}, TypeError, "UsageEstimate"),
             (
                 {"assigner": SoftEMAssigner(sync_distributed=True)},
                 ValueError,
@@ -154,7 +171,13 @@ class TestMixtureOfPromptsLoss:
             ({"regularizers": {"a b": (TakesSubprompts(), 1.0)}}, ValueError, "identifiers"),
             ({"regularizers": {"x": TakesSubprompts()}}, TypeError, "tuple"),
             ({"regularizers": {"x": (lambda t: t, 1.0)}}, TypeError, "nn.Module"),
-            ({"regularizers": {"x": (DiversityLoss(), 1.0)}}, TypeError, "inputs"),
+            ({"regularizers": {"x": (torch.nn.Identity(), 1.0)}}, TypeError, "inputs"),
+            (
+                {"regularizers": {"x": (PromptAnchor(reduction="none"), 1.0)}},
+                ValueError,
+                "reduction='none'",
+            ),
+            ({"diversity": DiversityLoss(reduction="none")}, ValueError, "must be a scalar"),
             ({"regularizers": {"x": (TakesSubprompts(), -1.0)}}, ValueError, "weight"),
         ],
     )
@@ -167,7 +190,7 @@ class TestMixtureOfPromptsLoss:
         [
             ({"images": torch.randn(6)}, ValueError, "image_features"),
             ({"images": torch.randn(6, 7)}, ValueError, "share the last dimension"),
-            ({"prompts": torch.randn(4, 8)}, ValueError, "subprompt_features"),
+            ({"prompts": torch.randn(8)}, ValueError, "subprompt_features"),
             ({"prompts": torch.randn(4, 0, 8)}, ValueError, "subprompt_features"),  # K < 1
             ({"labels": torch.tensor([0, 1, 2, 4, 0, 1])}, ValueError, "labels"),
             ({"labels": torch.tensor([0, 1, 2, -1, 0, 1])}, ValueError, "labels"),
@@ -194,7 +217,7 @@ class TestMixtureOfPromptsLoss:
     )
     @pytest.mark.parametrize("mode", ["marginal", "sample"])
     def test_loss_equals_hand_computation(self, weights, mode) -> None:
-        loss_fn = make_loss(tau=0.5, assigner_scale=5.0, entropy_mode=mode, **weights)
+        loss_fn = make_loss(tau=0.5, assignment_logit_scale=5.0, entropy_mode=mode, **weights)
         out = loss_fn(IMAGES, PROMPTS, LABELS, logit_scale=10.0)
         wd, we, wm = loss_fn.diversity_weight, loss_fn.entropy_weight, loss_fn.mixture_weight
         expected = reference(
@@ -203,25 +226,20 @@ class TestMixtureOfPromptsLoss:
             LABELS,
             logit_scale=10.0,
             tau=0.5,
-            scale=5.0,
+            estep_scale=5.0,
             wm=wm,
             wd=wd,
             we=we,
             mode=mode,
         )
-        for key in SCALAR_KEYS:
-            value = (
-                expected[key]
-                if key in ("loss", "ce")
-                else expected[key] * bool({"mixture": wm, "diversity": wd, "entropy": we}[key])
-            )
-            torch.testing.assert_close(out[key], value, msg=key)
+        for key in SCALAR_KEYS:  # every term is reported, whatever its weight
+            torch.testing.assert_close(out[key], expected[key], msg=key)
         combined = out["ce"] + wm * out["mixture"] + wd * out["diversity"] - we * out["entropy"]
         torch.testing.assert_close(out["loss"], combined)
 
     def test_hand_computation_of_the_parts(self) -> None:
         # Class 0's sub-prompts have cosine 0.6, class 1's 0.6: diversity = 0.36 (both present).
-        out = make_loss(assigner_scale=5.0, tau=0.5)(IMAGES, PROMPTS, LABELS)
+        out = make_loss(assignment_logit_scale=5.0, tau=0.5)(IMAGES, PROMPTS, LABELS)
         assert out["diversity"].item() == pytest.approx(0.36, rel=1e-6)
         # The diversity term sees only the classes in the batch. With class 1's pair at cosine
         # 0.8 instead (squared 0.64), each class alone gives its own pair, both the mean 0.5.
@@ -262,14 +280,17 @@ class TestMixtureOfPromptsLoss:
         torch.testing.assert_close(out["entropy"], expected_entropy)
 
     @pytest.mark.parametrize("term", ["diversity", "entropy", "mixture"])
-    def test_zero_weight_switches_a_term_off(self, term) -> None:
+    def test_zero_weight_keeps_a_term_out_of_the_gradient(self, term) -> None:
         images, prompts, labels = problem()
         others = {"diversity": 0.1, "entropy": 1.0, "mixture": 10.0}
         on = MixtureOfPromptsLoss(**{f"{t}_weight": w for t, w in others.items()})
-        assert on(images, prompts, labels)[term].item() != 0.0  # live with a positive weight
+        live = on(images, prompts, labels)[term]
+        assert live.item() != 0.0 and live.requires_grad  # live with a positive weight
         weights = {f"{t}_weight": w for t, w in others.items()} | {f"{term}_weight": 0.0}
         out = MixtureOfPromptsLoss(**weights)(images, prompts, labels)
-        assert out[term].item() == 0.0 and out[term].requires_grad
+        # Still computed and reported (so it can be logged), but without a graph.
+        torch.testing.assert_close(out[term], live.detach())
+        assert not out[term].requires_grad
         others[term] = 0.0
         combined = (
             out["ce"]
@@ -278,8 +299,17 @@ class TestMixtureOfPromptsLoss:
             - others["entropy"] * out["entropy"]
         )
         torch.testing.assert_close(out["loss"], combined)
-        (grad,) = torch.autograd.grad(out[term], prompts)
-        assert torch.equal(grad, torch.zeros_like(grad))
+        (grad,) = torch.autograd.grad(out["loss"], prompts, retain_graph=True)
+        (without,) = torch.autograd.grad(combined, prompts)
+        torch.testing.assert_close(grad, without)
+
+    @pytest.mark.parametrize("term", ["diversity", "entropy", "mixture"])
+    def test_a_zero_weight_term_still_shows_nan(self, term) -> None:
+        images, prompts, labels = problem()
+        prompts = prompts.detach().clone()
+        prompts[3, 0, 0] = float("nan")  # class 3 is not in the batch: only diversity sees it
+        out = MixtureOfPromptsLoss(**{f"{term}_weight": 0.0})(images, prompts, labels)
+        assert torch.isnan(out["loss"])
 
     def test_entropy_skipped_with_hard_assignments(self) -> None:
         images, prompts, labels = problem()
@@ -310,9 +340,7 @@ class TestMixtureOfPromptsLoss:
     @pytest.mark.parametrize("entropy_mode", ENTROPY_MODES)
     def test_single_subprompt_gives_connected_zeros(self, assignment, entropy_mode) -> None:
         images, prompts, labels = problem(k=1)
-        out = make_loss(assignment=assignment, entropy_mode=entropy_mode)(
-            images, prompts, labels
-        )
+        out = make_loss(assignment=assignment, entropy_mode=entropy_mode)(images, prompts, labels)
         for key in ("diversity", "entropy"):
             assert out[key].item() == 0.0 and out[key].requires_grad, key
         assert torch.equal(out["responsibilities"], torch.ones(6, 1))
@@ -337,9 +365,10 @@ class TestMixtureOfPromptsLoss:
 
     def test_mixture_gradient_does_not_flow_through_the_targets(self) -> None:
         prompts = PROMPTS.clone().requires_grad_()
-        out = make_loss(tau=0.5, assigner_scale=5.0)(IMAGES, prompts, LABELS)
+        out = make_loss(tau=0.5, assignment_logit_scale=5.0)(IMAGES, prompts, LABELS)
         (grad,) = torch.autograd.grad(out["mixture"], prompts)
-        args = {"logit_scale": 100.0, "tau": 0.5, "scale": 5.0, "wm": 1.0, "wd": 0.1, "we": 0.01}
+        args = {"logit_scale": 100.0, "tau": 0.5, "estep_scale": 5.0}
+        args |= {"wm": 1.0, "wd": 0.1, "we": 0.01}
         detached = reference(IMAGES, prompts, LABELS, **args)["mixture"]
         attached = reference(IMAGES, prompts, LABELS, **args, detach=False)["mixture"]
         (expected,) = torch.autograd.grad(detached, prompts)
@@ -369,7 +398,10 @@ class TestMixtureOfPromptsLoss:
         # Gradient descent on -entropy alone must raise the entropy of the assignments.
         images, prompts, labels = problem()
         loss_fn = make_loss(
-            diversity_weight=0.0, mixture_weight=0.0, entropy_weight=1.0, assigner_scale=10.0
+            diversity_weight=0.0,
+            mixture_weight=0.0,
+            entropy_weight=1.0,
+            assignment_logit_scale=10.0,
         )
         optimizer = torch.optim.SGD([prompts], lr=0.5)
         values = []
@@ -384,7 +416,7 @@ class TestMixtureOfPromptsLoss:
 
     def test_tau_fixed_schedule_and_override(self) -> None:
         images, prompts, labels = problem()
-        schedule = TemperatureSchedule(1.0, 0.2, total_steps=4)
+        schedule = TemperatureSchedule(start=1.0, end=0.2, total_steps=4)
         loss_fn = MixtureOfPromptsLoss(tau=schedule)
         assert loss_fn.schedule is schedule
         assert loss_fn(images, prompts, labels)["tau"].item() == 1.0
@@ -412,16 +444,23 @@ class TestMixtureOfPromptsLoss:
         for key in SCALAR_KEYS:
             torch.testing.assert_close(out32[key], out64[key])
 
-    def test_marginal_usage_buffer_lives_in_the_loss(self) -> None:
+    def test_usage_estimate_lives_in_the_loss(self) -> None:
         images, prompts, labels = problem()
         loss_fn = make_loss(entropy_mode="marginal", num_classes=4, n_subprompts=3)
-        assert "entropy.usage" in loss_fn.state_dict()
-        start = loss_fn.entropy.usage.clone()
+        assert "usage_estimate.usage" in loss_fn.state_dict()
+        start = loss_fn.usage_estimate.usage.clone()
         loss_fn.eval()(images, prompts, labels)
-        torch.testing.assert_close(loss_fn.entropy.usage, start)
-        loss_fn.train()(images, prompts, labels)
-        moved = (loss_fn.entropy.usage - start).abs().sum(-1)
+        torch.testing.assert_close(loss_fn.usage_estimate.usage, start)
+        out = loss_fn.train()(images, prompts, labels)
+        moved = (loss_fn.usage_estimate.usage - start).abs().sum(-1)
         assert (moved[:3] > 0).all() and moved[3] == 0  # class 3 is not in the batch
+        # Updated once, with this step's soft responsibilities.
+        soft = PF.responsibilities(images, prompts, labels, tau=0.3)
+        expected = PF.running_usage(start, soft, labels, momentum=0.9)
+        torch.testing.assert_close(loss_fn.usage_estimate.usage, expected)
+        # The entropy got the estimate before the update, as its usage prior.
+        prior_entropy = PF.assignment_entropy(soft, labels, start, mode="marginal")
+        torch.testing.assert_close(out["entropy"], prior_entropy)
 
     @pytest.mark.parametrize("entropy_mode", ENTROPY_MODES)
     @pytest.mark.parametrize("aggregation", ["logsumexp", "max", "mean"])
@@ -438,7 +477,7 @@ class TestMixtureOfPromptsLoss:
             mixture_weight=0.0,
             entropy_weight=0.5,
             tau=0.5,
-            assigner_scale=3.0,
+            assignment_logit_scale=3.0,
         )
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -505,7 +544,7 @@ def test_property_entropy_gradient_reaches_subprompts(
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
     prompts = torch.from_numpy(prompts).requires_grad_()
     loss_fn = make_loss(
-        entropy_mode=entropy_mode, assignment=assignment, assigner_scale=5.0, tau=1.0
+        entropy_mode=entropy_mode, assignment=assignment, assignment_logit_scale=5.0, tau=1.0
     )
     # Whenever the entropy depends on the own-class cosines at all ...
     own = PF.own_class_similarities(images, prompts.detach(), labels).requires_grad_()
@@ -550,18 +589,46 @@ class TestRegularizers:
     def test_missing_and_unused_inputs_are_named(self) -> None:
         images, prompts, labels = problem()
         loss_fn = MixtureOfPromptsLoss(regularizers={"pull": (TakesSubprompts(), 1.0)})
-        with pytest.raises(TypeError, match=r"'pull' \(TakesSubprompts\) needs target="):
+        with pytest.raises(TypeError, match=r"pull \(TakesSubprompts\) needs target="):
             loss_fn(images, prompts, labels)
-        with pytest.raises(TypeError, match=r"anchor_features.*no regularizer takes"):
+        with pytest.raises(TypeError, match=r"anchor_features.*no part takes"):
             loss_fn(images, prompts, labels, target=prompts, anchor_features=prompts)
-        with pytest.raises(TypeError, match="no regularizer takes"):
+        with pytest.raises(TypeError, match="no part takes"):
             MixtureOfPromptsLoss()(images, prompts, labels, target=prompts)
 
-    def test_zero_weight_reports_a_connected_zero(self) -> None:
+    def test_zero_weight_is_computed_checked_and_out_of_the_gradient(self) -> None:
         images, prompts, labels = problem()
         loss_fn = MixtureOfPromptsLoss(regularizers={"pull": (TakesSubprompts(), 0.0)})
-        out = loss_fn(images, prompts, labels, target=torch.zeros(8))
-        assert out["pull"].item() == 0.0 and out["pull"].requires_grad
+        target = torch.ones(8)
+        out = loss_fn(images, prompts, labels, target=target)
+        torch.testing.assert_close(out["pull"], (prompts - target).pow(2).mean().detach())
+        assert not out["pull"].requires_grad
+        plain = MixtureOfPromptsLoss()(images, prompts, labels)
+        torch.testing.assert_close(out["loss"], plain["loss"])
+        # Its inputs are checked: NaN in them still makes the loss NaN.
+        nan_target = torch.full((8,), float("nan"))
+        assert torch.isnan(loss_fn(images, prompts, labels, target=nan_target)["loss"])
+
+    @pytest.mark.parametrize(
+        ("returned", "match"),
+        [
+            (None, "returned NoneType"),
+            (torch.zeros(3), r"returned a tensor of shape \(3,\)"),
+            (torch.tensor(1), "dtype torch.int64"),
+        ],
+    )
+    def test_a_part_that_does_not_return_a_scalar_is_named(self, returned, match) -> None:
+        class Returns(torch.nn.Module):
+            inputs = ("labels",)
+
+            def forward(self, labels: torch.Tensor) -> object:
+                return returned
+
+        images, prompts, labels = problem()
+        loss_fn = MixtureOfPromptsLoss(regularizers={"odd": (Returns(), 1.0)})
+        with pytest.raises(TypeError, match=r"odd \(Returns\) must return a 0-dim") as error:
+            loss_fn(images, prompts, labels)
+        assert error.match(match)
 
     def test_regularizers_move_with_the_loss(self) -> None:
         loss_fn = MixtureOfPromptsLoss(regularizers={"pull": (TakesSubprompts(), 1.0)})
@@ -578,3 +645,80 @@ def test_logits_method_is_the_classifier_forward_trains() -> None:
         torch.testing.assert_close(logits.detach(), out["logits"])
         torch.testing.assert_close(F.cross_entropy(logits, labels), out["ce"])
         assert logits.requires_grad
+
+
+class TestOneEStep:
+    """The loss runs the E-step once and hands its result to every part that asks for it."""
+
+    class Spy(torch.nn.Module):
+        inputs = ("responsibilities", "labels", "usage_prior", "class_mask")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[dict[str, torch.Tensor | None]] = []
+
+        def forward(self, responsibilities, labels, usage_prior, class_mask):  # type: ignore[no-untyped-def]
+            self.seen.append(
+                {
+                    "responsibilities": responsibilities,
+                    "usage_prior": usage_prior,
+                    "mask": class_mask,
+                }
+            )
+            return responsibilities.sum() * 0
+
+    def test_every_part_gets_the_same_responsibilities_and_usage(self) -> None:
+        images, prompts, labels = problem()
+        entropy, first, second = self.Spy(), self.Spy(), self.Spy()
+        estimate = UsageEstimate(num_classes=4, n_subprompts=3)
+        before = estimate.usage.clone()
+        loss_fn = MixtureOfPromptsLoss(
+            entropy=entropy,
+            usage_estimate=estimate,
+            regularizers={"a": (first, 1.0), "b": (second, 0.5)},
+            tau=0.7,
+        )
+        loss_fn(images, prompts, labels)
+        seen = [spy.seen[0] for spy in (entropy, first, second)]
+        assert seen[0]["responsibilities"] is seen[1]["responsibilities"]
+        assert seen[1]["responsibilities"] is seen[2]["responsibilities"]
+        soft = PF.responsibilities(images, prompts, labels, tau=0.7)
+        torch.testing.assert_close(seen[0]["responsibilities"], soft)
+        assert seen[0]["responsibilities"].requires_grad  # the soft E-step, with its gradient
+        torch.testing.assert_close(seen[0]["usage_prior"], before)  # before this step's update
+        assert seen[0]["usage_prior"] is seen[2]["usage_prior"]
+        assert seen[0]["mask"].tolist() == [True, True, True, False]
+        assert not torch.equal(estimate.usage, before)  # updated once, after the parts
+
+    @pytest.mark.parametrize("assignment", ["soft", "hard"])
+    def test_the_softmax_of_the_e_step_runs_once(self, assignment, monkeypatch) -> None:
+        images, prompts, labels = problem()
+        loss_fn = MixtureOfPromptsLoss(
+            assigner=SoftEMAssigner(mode=assignment),
+            usage_estimate=UsageEstimate(num_classes=4, n_subprompts=3),
+            regularizers={"floor": (UsageFloor(), 1.0)},
+        )
+        calls = []
+        original = torch.softmax
+
+        def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(args[0].shape)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, "softmax", counting)
+        loss_fn(images, prompts, labels)
+        assert calls == [torch.Size([6, 3])], calls  # one (batch, K) softmax, nothing else
+
+    def test_usage_floor_gets_the_losss_responsibilities_not_its_own(self) -> None:
+        images, prompts, labels = problem()
+        # At the loss's tau (30: soft), not at UsageFloor's former own tau of 1 (nearly hard).
+        loss_fn = MixtureOfPromptsLoss(regularizers={"floor": (UsageFloor(floor=1.0), 1.0)})
+        out = loss_fn(images, prompts, labels, tau=30.0)
+        at_loss_tau = PF.usage_floor(
+            PF.responsibilities(images, prompts, labels, tau=30.0), labels, floor=1.0
+        )
+        at_tau_1 = PF.usage_floor(
+            PF.responsibilities(images, prompts, labels, tau=1.0), labels, floor=1.0
+        )
+        torch.testing.assert_close(out["floor"], at_loss_tau)
+        assert not torch.allclose(at_loss_tau, at_tau_1)  # the test can tell

@@ -73,11 +73,34 @@ class TestProjection:
             (([torch.ones(2)], [torch.ones(3)]), {}, ValueError, "shape"),
             (([torch.ones(2)], [torch.ones(2)]), {"strength": -1.0}, ValueError, "strength"),
             (([[1.0]], [torch.ones(1)]), {}, TypeError, r"gradients\[0\]"),
+            (
+                ([torch.tensor([3, -1])], [torch.tensor([0, 2])]),
+                {},
+                TypeError,
+                r"gradients\[0\] must be a floating-point tensor or None but is torch.int64",
+            ),
+            (
+                ([torch.ones(2)], [torch.tensor([0, 2])]),
+                {},
+                TypeError,
+                r"reference_gradients\[0\] must be a floating-point",
+            ),
         ],
     )
     def test_bad_arguments(self, args, kwargs, error, match) -> None:
         with pytest.raises(error, match=match):
             project_conflicting_gradients(*args, **kwargs)
+
+    @pytest.mark.parametrize("per_parameter", [True, False])
+    @pytest.mark.parametrize("where", ["gradient", "reference"])
+    def test_nan_gives_nan_not_an_unchanged_gradient(self, per_parameter, where) -> None:
+        g, r = torch.tensor([1.0, -1.0]), torch.tensor([0.0, 2.0])
+        bad = torch.tensor([float("nan"), 1.0])
+        gradients, references = ([bad], [r]) if where == "gradient" else ([g], [bad])
+        (projected,), cosines = project_conflicting_gradients(
+            gradients, references, per_parameter=per_parameter
+        )
+        assert torch.isnan(projected).any() and torch.isnan(cosines).all()
 
     def test_gradcheck(self) -> None:
         g = torch.randn(6, dtype=torch.float64, requires_grad=True)
@@ -123,6 +146,17 @@ class TestProgradBackward:
         used, unused = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
         prograd_backward(used.sum(), (used * used).sum(), [used, unused])
         assert unused.grad is None and used.grad is not None
+
+    def test_a_bare_parameter_is_refused_not_iterated(self) -> None:
+        weight = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+        loss, reference = (weight * 2).sum(), (weight * 3).sum()
+        with pytest.raises(TypeError, match=r"not a single tensor .* pass \[parameter\]"):
+            prograd_backward(loss, reference, weight)
+        assert weight.grad is None
+        with pytest.raises(TypeError, match=r"parameters\[0\] must be a leaf tensor"):
+            prograd_backward(loss, reference, [weight * 1])
+        with pytest.raises(ValueError, match="loss must be a scalar"):
+            prograd_backward(weight * 2, reference, [weight])
 
     def test_no_trainable_parameters(self) -> None:
         frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)

@@ -212,12 +212,30 @@ def test_diversity_loss_of_the_library_has_gradient_at_init(model, tokenizer):
         (dict(ctx_init=4), TypeError, r"ctx_init must be a str or None but is int"),
         (dict(classnames=[]), ValueError, r"classnames must hold at least one"),
         (dict(classnames="cat"), TypeError, r"classnames must be a sequence of str"),
+        (dict(classnames=["cat", ""]), ValueError, r"classnames\[1\] is ''"),
+        (dict(classnames=["cat", "  "]), ValueError, r"must not be empty or blank"),
+        (
+            dict(classnames=["cat", "dog", "cat"]),
+            ValueError,
+            r"classnames\[0\] and classnames\[2\] are both 'cat'",
+        ),
+        (
+            dict(classnames=["cat", " ".join(["very"] * 80) + " long", " ".join(["very"] * 80)]),
+            ValueError,
+            r"classnames\[1\] is too long: .* fills all 77 tokens",
+        ),
+        (dict(tokenizer=None), TypeError, r"tokenizer must be .* but is NoneType"),
     ],
 )
-def test_bad_arguments_name_the_argument(model, tokenizer, kwargs, error, match):
+@pytest.mark.parametrize("cls", [MixtureOfPrompts, OffsetMixtureOfPrompts])
+def test_bad_arguments_name_the_argument(model, tokenizer, kwargs, error, match, cls):
+    kwargs = dict(kwargs)
     classnames = kwargs.pop("classnames", NAMES)
+    tokenizer = kwargs.pop("tokenizer", tokenizer)
+    if cls is OffsetMixtureOfPrompts and ("n_ctx" in match or "before" in match):
+        pytest.skip("n_ctx is an option of MixtureOfPrompts only")
     with pytest.raises(error, match=match):
-        MixtureOfPrompts(model, tokenizer, classnames, **kwargs)
+        cls(model, tokenizer, classnames, **kwargs)
     assert all(parameter.requires_grad for parameter in model.parameters())  # left untouched
 
 
@@ -357,7 +375,7 @@ def test_the_plan_is_made_once_per_device_and_dtype(model, tokenizer):
     lengths = (prompts.pool_positions.flatten()[prompts.order] + 1).tolist()
     assert lengths == sorted(lengths)
     tower, cpu = TextTower(model), torch.device("cpu")
-    cost = ChunkCost.default(tower, cpu, torch.float32, checkpointing=False)
+    cost = ChunkCost.default(tower, device=cpu, dtype=torch.float32, checkpointing=False)
     assert chunks == plan_chunks(lengths, cost=cost)
     prompts()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -18,8 +18,15 @@ import promptmix.functional as PF
 from promptmix import (
     AssignmentEntropy,
     DiversityLoss,
+    ImagePrototypeLoss,
+    InterClassDispersion,
     MixtureOfPromptsLoss,
+    PromptAnchor,
     SoftEMAssigner,
+    TextToTextLoss,
+    UsageEstimate,
+    UsageFloor,
+    ZeroShotConsistency,
     _validation,
 )
 
@@ -83,22 +90,58 @@ def no_host_sync(monkeypatch):
         yield
 
 
+def every_regularizer() -> dict[str, tuple[torch.nn.Module, float]]:
+    """Every field regularizer and the usage floor, with frozen references stored (dim 6)."""
+    generator = torch.Generator().manual_seed(3)
+    text = torch.randn(4, 6, generator=generator)
+    return {
+        "usage": (UsageFloor(floor=0.5), 1.0),
+        "anchor": (PromptAnchor(anchor_features=text), 8.0),
+        "zero_shot": (ZeroShotConsistency(zero_shot_text_features=text, text_weight=1.0), 1.0),
+        "text": (TextToTextLoss(template_features=text, noise_std=0.05), 5.0),
+        "dispersion": (InterClassDispersion(), 0.1),
+        "prototypes": (ImagePrototypeLoss(prototypes=text), 0.0),  # weight 0: computed too
+    }
+
+
 @pytest.mark.parametrize(
-    ("assigner", "entropy"),
+    ("assignment", "entropy_mode", "usage", "regularized"),
     [
-        (SoftEMAssigner("soft"), AssignmentEntropy("marginal")),
-        (SoftEMAssigner("soft"), AssignmentEntropy("marginal", num_classes=4, n_subprompts=3)),
-        (SoftEMAssigner("sinkhorn"), AssignmentEntropy("marginal", num_classes=4, n_subprompts=3)),
-        (SoftEMAssigner("sinkhorn"), AssignmentEntropy("marginal")),
-        (SoftEMAssigner("soft"), AssignmentEntropy("mutual_information")),
-        (SoftEMAssigner("soft"), AssignmentEntropy("sample")),
+        ("soft", "marginal", False, False),
+        ("soft", "marginal", True, False),
+        ("sinkhorn", "marginal", True, False),
+        ("sinkhorn", "marginal", False, False),
+        ("soft", "mutual_information", False, False),
+        ("soft", "sample", False, False),
+        ("hard", "marginal", True, True),
+        ("soft", "marginal", True, True),
     ],
-    ids=["soft", "soft-usage", "sinkhorn-usage", "sinkhorn", "mutual-information", "sample"],
+    ids=[
+        "soft",
+        "soft-usage",
+        "sinkhorn-usage",
+        "sinkhorn",
+        "mutual-information",
+        "sample",
+        "hard-usage-regularizers",
+        "soft-usage-regularizers",
+    ],
 )
-def test_training_step_makes_no_host_sync(assigner, entropy, no_host_sync) -> None:
+def test_training_step_makes_no_host_sync(
+    assignment, entropy_mode, usage, regularized, request
+) -> None:
+    """Construction may read host values (it runs once); the guard starts with the first step."""
     images, prompts, labels = make_problem()
-    loss_fn = MixtureOfPromptsLoss(assigner=assigner, entropy=entropy, tau=0.3)
+    loss_fn = MixtureOfPromptsLoss(
+        assigner=SoftEMAssigner(mode=assignment),
+        entropy=AssignmentEntropy(mode=entropy_mode),
+        usage_estimate=UsageEstimate(num_classes=4, n_subprompts=3) if usage else None,
+        regularizers=every_regularizer() if regularized else None,
+        diversity_weight=0.1,
+        tau=0.3,
+    )
     optimizer = torch.optim.SGD([prompts], lr=0.1)
+    request.getfixturevalue("no_host_sync")
     for _ in range(2):  # the second step reads the usage estimate the first one wrote
         optimizer.zero_grad()
         out = loss_fn(images, prompts, labels.to(torch.int32), logit_scale=torch.tensor(50.0))
@@ -118,7 +161,7 @@ def test_the_guard_catches_a_sync(no_host_sync) -> None:
 def test_the_device_path_gives_the_same_loss() -> None:
     images, prompts, labels = make_problem()
     loss_fn = MixtureOfPromptsLoss(
-        entropy=AssignmentEntropy("marginal", num_classes=4, n_subprompts=3)
+        usage_estimate=UsageEstimate(num_classes=4, n_subprompts=3)
     ).eval()  # eval: the usage estimate stays as it is between the two calls
     host = loss_fn(images, prompts, labels)
     with device_path():
@@ -152,7 +195,7 @@ def _poisoned(images, prompts, where):
 def test_non_finite_features_never_give_a_finite_loss(where, weights, mode) -> None:
     images, prompts, labels = make_problem()
     images, prompts = _poisoned(images, prompts, where)
-    loss_fn = MixtureOfPromptsLoss(assigner=SoftEMAssigner(mode), **weights)
+    loss_fn = MixtureOfPromptsLoss(assigner=SoftEMAssigner(mode=mode), **weights)
     assert not torch.isfinite(loss_fn(images, prompts, labels)["loss"])
 
 
@@ -175,7 +218,7 @@ def test_unit_keeps_nan_and_inf_visible() -> None:
 def test_assigner_marks_a_nan_image_not_uniform(mode) -> None:
     images, prompts, labels = make_problem()
     images[2] = NAN
-    gamma = SoftEMAssigner(mode)(images, prompts.detach(), labels)
+    gamma = SoftEMAssigner(mode=mode)(images, prompts.detach(), labels)
     assert torch.isnan(gamma[2]).all()
     if mode != "sinkhorn":  # Sinkhorn couples a class's rows: the whole class is NaN
         assert torch.isfinite(gamma[torch.arange(8) != 2]).all()
@@ -201,7 +244,7 @@ def test_diversity_and_entropy_do_not_hide_nan() -> None:
 def test_device_path_makes_bad_values_nan_instead_of_raising() -> None:
     images, prompts, labels = make_problem()
     loss_fn = MixtureOfPromptsLoss(
-        entropy=AssignmentEntropy("marginal", num_classes=4, n_subprompts=3),
+        usage_estimate=UsageEstimate(num_classes=4, n_subprompts=3),
         mixture_weight=0.0,
     )
     bad_labels = labels.clone()
@@ -230,10 +273,10 @@ def test_device_path_makes_bad_values_nan_instead_of_raising() -> None:
 def test_every_integer_label_dtype_is_class_indices(dtype) -> None:
     images, prompts, labels = make_problem()
     labels = torch.tensor([0, 2, 2, 1, 0, 2, 1, 1])  # uint8 as a mask would pick rows 1-7
-    entropy = AssignmentEntropy("marginal", num_classes=4, n_subprompts=3)
-    reference = MixtureOfPromptsLoss(entropy=entropy)(images, prompts, labels)
-    entropy = AssignmentEntropy("marginal", num_classes=4, n_subprompts=3)
-    out = MixtureOfPromptsLoss(entropy=entropy)(images, prompts, labels.to(dtype))
+    estimate = UsageEstimate(num_classes=4, n_subprompts=3)
+    reference = MixtureOfPromptsLoss(usage_estimate=estimate)(images, prompts, labels)
+    estimate = UsageEstimate(num_classes=4, n_subprompts=3)
+    out = MixtureOfPromptsLoss(usage_estimate=estimate)(images, prompts, labels.to(dtype))
     for key in ("loss", "ce", "entropy", "diversity", "responsibilities"):
         torch.testing.assert_close(out[key], reference[key])
     own = PF.own_class_similarities(images, prompts, labels.to(dtype))
@@ -287,14 +330,14 @@ def test_tiny_tau_does_not_overflow(mode, dtype) -> None:
     gamma = PF.responsibilities(images, prompts.detach(), labels, tau=1e-3, mode=mode)
     assert gamma.dtype == dtype and torch.isfinite(gamma).all()
     torch.testing.assert_close(gamma.float().sum(-1), torch.ones(8), atol=1e-2, rtol=0)
-    loss_fn = MixtureOfPromptsLoss(assigner=SoftEMAssigner(mode), tau=1e-3)
+    loss_fn = MixtureOfPromptsLoss(assigner=SoftEMAssigner(mode=mode), tau=1e-3)
     out = loss_fn(images, prompts, labels)
     assert torch.isfinite(out["loss"])
 
 
 def test_a_tau_beyond_float32_blames_tau() -> None:
     images, prompts, labels = make_problem()
-    with pytest.raises(ValueError, match=r"^tau must be >= scale / "):
+    with pytest.raises(ValueError, match=r"^tau must be >= logit_scale / "):
         MixtureOfPromptsLoss(tau=1e-40)(images, prompts, labels)
     with pytest.raises(ValueError, match=r"^tau must be"):
         PF.class_logits(torch.rand(2, 3, 2), aggregation="responsibility", tau=1e-40)
@@ -304,21 +347,22 @@ def test_a_tau_beyond_float32_blames_tau() -> None:
 
 
 def test_usage_buffer_follows_the_inputs_dtype_without_to() -> None:
-    entropy = AssignmentEntropy("marginal", num_classes=2, n_subprompts=2)
-    gamma = torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float64, requires_grad=True)
-    value = entropy(gamma, torch.tensor([0, 1]))
-    assert entropy.usage.dtype == torch.float64 and value.dtype == torch.float64
+    estimate = UsageEstimate(num_classes=2, n_subprompts=2)
+    loss_fn = MixtureOfPromptsLoss(usage_estimate=estimate)
+    images, prompts = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 2, 3).double()
+    value = loss_fn(images, prompts.requires_grad_(), torch.tensor([0, 1]))["loss"]
+    assert estimate.usage.dtype == torch.float64 and value.dtype == torch.float64
     value.backward()
-    entropy(gamma.detach().to(torch.bfloat16), torch.tensor([0, 1]))
-    assert entropy.usage.dtype == torch.float64  # never narrowed
-    assert "usage" in entropy.state_dict()
+    estimate.update(torch.full((2, 2), 0.5, dtype=torch.bfloat16), torch.tensor([0, 1]))
+    assert estimate.usage.dtype == torch.float64  # never narrowed
+    assert "usage_estimate.usage" in loss_fn.state_dict()
 
 
 def test_usage_buffer_follows_the_inputs_device() -> None:
-    entropy = AssignmentEntropy("marginal", num_classes=2, n_subprompts=2)
+    estimate = UsageEstimate(num_classes=2, n_subprompts=2)
     gamma = torch.full((2, 2), 0.5, device="meta")
-    entropy(gamma, torch.tensor([0, 1], device="meta"))
-    assert entropy.usage.device.type == "meta"
+    estimate.update(gamma, torch.tensor([0, 1], device="meta"))
+    assert estimate.usage.device.type == "meta"
 
 
 def test_dimension_mismatch_message_names_both_dimensions() -> None:
@@ -346,9 +390,9 @@ def test_whole_default_training_step_makes_no_host_sync(request) -> None:
     learner = MixtureOfPrompts(
         model, open_clip.get_tokenizer("ViT-B-32"), classnames, n_subprompts=2
     )
+    schedule = TemperatureSchedule(total_steps=4)
     loss_fn = MixtureOfPromptsLoss(
-        entropy=AssignmentEntropy("marginal", num_classes=3, n_subprompts=2),
-        tau=TemperatureSchedule(total_steps=4),
+        usage_estimate=UsageEstimate(num_classes=3, n_subprompts=2), tau=schedule
     )
     optimizer = torch.optim.SGD([p for p in learner.parameters() if p.requires_grad], lr=0.1)
     images, labels = torch.randn(6, 16), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -358,4 +402,4 @@ def test_whole_default_training_step_makes_no_host_sync(request) -> None:
         out = loss_fn(images, learner(), labels)
         out["loss"].backward()
         optimizer.step()
-        loss_fn.schedule.step()
+        schedule.step()

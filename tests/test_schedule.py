@@ -59,29 +59,31 @@ class TestTemperatureSchedule:
 
     def test_functional_bad_step(self) -> None:
         with pytest.raises(ValueError, match="step"):
-            PF.temperature_at(-1, total_steps=10)
+            PF.temperature_at(step=-1, total_steps=10)
 
     def test_output_is_a_python_float(self) -> None:
         assert type(TemperatureSchedule(total_steps=3)()) is float
 
     def test_hand_computed_values(self) -> None:
-        linear = run(TemperatureSchedule(1.0, 0.3, total_steps=4), 6)
+        linear = run(TemperatureSchedule(start=1.0, end=0.3, total_steps=4), 6)
         assert linear == pytest.approx([1.0, 0.825, 0.65, 0.475, 0.3, 0.3])
-        cosine = run(TemperatureSchedule(1.0, 0.3, total_steps=2, kind="cosine"), 3)
+        cosine = run(TemperatureSchedule(start=1.0, end=0.3, total_steps=2, kind="cosine"), 3)
         assert cosine == pytest.approx([1.0, 0.65, 0.3])
-        cosine4 = TemperatureSchedule(1.0, 0.3, total_steps=4, kind="cosine")
+        cosine4 = TemperatureSchedule(start=1.0, end=0.3, total_steps=4, kind="cosine")
         cosine4.step()
         assert cosine4() == pytest.approx(0.3 + 0.7 * (1 + math.cos(math.pi / 4)) / 2)
-        exponential = run(TemperatureSchedule(1.0, 0.25, total_steps=2, kind="exponential"), 3)
+        exponential = run(
+            TemperatureSchedule(start=1.0, end=0.25, total_steps=2, kind="exponential"), 3
+        )
         assert exponential == pytest.approx([1.0, 0.5, 0.25])  # geometric midpoint
 
     def test_warmup_holds_start(self) -> None:
-        taus = run(TemperatureSchedule(1.0, 0.3, total_steps=6, warmup_steps=2), 8)
+        taus = run(TemperatureSchedule(start=1.0, end=0.3, total_steps=6, warmup_steps=2), 8)
         # progress = (step - 2) / 4
         assert taus == pytest.approx([1.0, 1.0, 1.0, 0.825, 0.65, 0.475, 0.3, 0.3])
 
     def test_annealing_upwards_is_allowed(self) -> None:
-        assert run(TemperatureSchedule(0.1, 0.5, total_steps=2), 3) == pytest.approx(
+        assert run(TemperatureSchedule(start=0.1, end=0.5, total_steps=2), 3) == pytest.approx(
             [0.1, 0.3, 0.5]
         )
 
@@ -89,7 +91,14 @@ class TestTemperatureSchedule:
         schedule = TemperatureSchedule(total_steps=10, kind="cosine")
         run(schedule, 7)
         state = schedule.state_dict()
-        assert set(state) == {"step_count"} and int(state["step_count"]) == 7
+        assert set(state) == {"step_count", "_extra_state"} and int(state["step_count"]) == 7
+        assert state["_extra_state"] == {
+            "start": 1.0,
+            "end": 0.3,
+            "total_steps": 10,
+            "kind": "cosine",
+            "warmup_steps": 0,
+        }
         resumed = TemperatureSchedule(total_steps=10, kind="cosine")
         assert resumed() == 1.0
         resumed.load_state_dict(state)
@@ -101,7 +110,7 @@ class TestTemperatureSchedule:
     def test_load_state_dict_rolls_the_counter_back(self) -> None:
         schedule = TemperatureSchedule(total_steps=10)
         run(schedule, 3)
-        saved = {k: v.clone() for k, v in schedule.state_dict().items()}
+        saved = {k: clone(v) for k, v in schedule.state_dict().items()}
         run(schedule, 2)
         schedule.load_state_dict(saved)
         assert int(schedule.step_count) == 3
@@ -113,7 +122,7 @@ class TestTemperatureSchedule:
         assert schedule.step_count.dtype == torch.long
 
     def test_tau_and_step_read_nothing_back_from_the_step_counter(self) -> None:
-        schedule = TemperatureSchedule(1.0, 0.3, total_steps=4)
+        schedule = TemperatureSchedule(start=1.0, end=0.3, total_steps=4)
 
         def forbid(*args: object, **kwargs: object) -> None:
             raise RuntimeError("a tensor was read on the host")
@@ -129,25 +138,59 @@ class TestTemperatureSchedule:
 
     def test_a_parent_module_restores_the_step(self) -> None:
         parent = torch.nn.Module()
-        parent.schedule = TemperatureSchedule(1.0, 0.3, total_steps=4)
+        parent.schedule = TemperatureSchedule(start=1.0, end=0.3, total_steps=4)
         run(parent.schedule, 2)
-        state = {k: v.clone() for k, v in parent.state_dict().items()}
-        assert list(state) == ["schedule.step_count"]
+        state = {k: clone(v) for k, v in parent.state_dict().items()}
+        assert list(state) == ["schedule.step_count", "schedule._extra_state"]
         resumed = torch.nn.Module()
-        resumed.schedule = TemperatureSchedule(1.0, 0.3, total_steps=4)
+        resumed.schedule = TemperatureSchedule(start=1.0, end=0.3, total_steps=4)
         resumed.load_state_dict(state)
         assert resumed.schedule() == pytest.approx(0.65) and "step=2" in repr(resumed)
-        resumed.load_state_dict({"schedule.step_count": torch.tensor(4)})
+        resumed.load_state_dict(state | {"schedule.step_count": torch.tensor(4)})
         assert resumed.schedule() == pytest.approx(0.3)
+
+    @pytest.mark.parametrize(
+        ("other", "match"),
+        [
+            (dict(total_steps=1000, kind="cosine"), "was saved with .*'total_steps': 5"),
+            (dict(total_steps=5, end=0.1), "was saved with .*'end': 0.3"),
+            (dict(total_steps=5, warmup_steps=2), "'warmup_steps': 0"),
+        ],
+    )
+    def test_the_state_of_another_schedule_is_refused_and_nothing_changes(
+        self, other, match
+    ) -> None:
+        saved = TemperatureSchedule(total_steps=5)
+        run(saved, 3)
+        target = TemperatureSchedule(**other)
+        run(target, 1)
+        with pytest.raises(RuntimeError, match=match):
+            target.load_state_dict(saved.state_dict())
+        assert int(target.step_count) == 1 and "step=1" in repr(target)
+
+    @pytest.mark.parametrize(
+        "step_count",
+        [torch.tensor(2.7), torch.tensor(-1), torch.tensor(True), torch.tensor([1, 2])],
+    )
+    def test_a_step_count_that_is_not_a_count_is_refused(self, step_count) -> None:
+        schedule = TemperatureSchedule(total_steps=5)
+        state = schedule.state_dict() | {"step_count": step_count}
+        with pytest.raises(RuntimeError, match="step_count must be a non-negative integer"):
+            schedule.load_state_dict(state)
+        assert int(schedule.step_count) == 0
 
     @pytest.mark.parametrize("kind", KINDS)
     def test_module_equals_functional(self, kind) -> None:
-        schedule = TemperatureSchedule(0.9, 0.2, total_steps=7, kind=kind, warmup_steps=2)
+        schedule = TemperatureSchedule(start=0.9, end=0.2, total_steps=7, kind=kind, warmup_steps=2)
         for step, tau in enumerate(run(schedule, 10)):
             expected = PF.temperature_at(
-                step, start=0.9, end=0.2, total_steps=7, kind=kind, warmup_steps=2
+                step=step, start=0.9, end=0.2, total_steps=7, kind=kind, warmup_steps=2
             )
             assert tau == expected
+
+
+def clone(value: object) -> object:
+    return value.clone() if isinstance(value, torch.Tensor) else dict(value)  # type: ignore[call-overload]
 
 
 # ----------------------------------------------------------------------------- properties
@@ -163,7 +206,7 @@ def test_property_endpoints_and_monotone(start, end, steps, kind) -> None:
     total_steps, warmup_steps = steps
     taus = [
         PF.temperature_at(
-            step,
+            step=step,
             start=start,
             end=end,
             total_steps=total_steps,

@@ -135,3 +135,87 @@ def test_property_own_templates_give_the_minimum(c, k, m) -> None:
     assert PF.text_to_text_loss(prompts, templates).item() < 1e-6
     shuffled = templates.roll(1, dims=1)
     assert PF.text_to_text_loss(prompts, shuffled).item() > 10
+
+
+class TestExtraClasses:
+    """LASP's "virtual classes": class names without images join the text-to-text classifier."""
+
+    def test_extra_names_join_the_classifier(self) -> None:
+        prompts, extra = torch.randn(3, 2, 8), torch.randn(2, 2, 8)
+        templates = torch.randn(4, 5, 8)
+        loss = PF.text_to_text_loss(prompts, templates, extra, reduction="none")
+        assert loss.shape == (4, 5)
+        # The same as one classifier over all five names.
+        torch.testing.assert_close(
+            loss, PF.text_to_text_loss(torch.cat([prompts, extra]), templates, reduction="none")
+        )
+        # LASP computes it over all names with K = 1.
+        text = torch.cat([prompts[:, 0], extra[:, 0]])
+        torch.testing.assert_close(
+            PF.text_to_text_loss(prompts[:, 0], templates, extra[:, 0], logit_scale=100.0),
+            lasp(text, templates, 100.0),
+        )
+
+    def test_module_in_the_loss_gets_the_extra_features_with_gradient(self) -> None:
+        templates = torch.randn(3, 5, 8)  # 3 training classes, then 2 names without images
+        module = TextToTextLoss(extra_classes=2, template_features=templates)
+        assert module.inputs == ("subprompt_features", "extra_subprompt_features")
+        loss_fn = MixtureOfPromptsLoss(regularizers={"text": (module, 5.0)})
+        images, labels = torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+        prompts = torch.randn(3, 2, 8, requires_grad=True)
+        extra = torch.randn(2, 2, 8, requires_grad=True)
+        out = loss_fn(images, prompts, labels, extra_subprompt_features=extra)
+        expected = PF.text_to_text_loss(prompts, templates, extra)
+        torch.testing.assert_close(out["text"], expected)
+        out["loss"].backward()
+        assert extra.grad is not None and extra.grad.abs().sum() > 0
+
+    @pytest.mark.parametrize(
+        ("call", "error", "match"),
+        [
+            (
+                lambda: PF.text_to_text_loss(
+                    torch.randn(3, 8), torch.randn(3, 8), torch.randn(2, 8)
+                ),
+                ValueError,
+                r"plus the 2 extra classes",
+            ),
+            (
+                lambda: PF.text_to_text_loss(
+                    torch.randn(3, 2, 8), torch.randn(5, 8), torch.randn(2, 3, 8)
+                ),
+                ValueError,
+                "extra_subprompt_features must have shape",
+            ),
+            (
+                lambda: TextToTextLoss(extra_classes=2, template_features=torch.randn(5, 8))(
+                    torch.randn(3, 8)
+                ),
+                TypeError,
+                "needs extra_subprompt_features",
+            ),
+            (
+                lambda: TextToTextLoss(extra_classes=2, template_features=torch.randn(5, 8))(
+                    torch.randn(3, 8), extra_subprompt_features=torch.randn(1, 8)
+                ),
+                ValueError,
+                "must hold extra_classes=2",
+            ),
+            (
+                lambda: TextToTextLoss()(
+                    torch.randn(3, 8), torch.randn(5, 8), extra_subprompt_features=torch.randn(2, 8)
+                ),
+                TypeError,
+                "extra_classes=0",
+            ),
+            (
+                lambda: TextToTextLoss(extra_classes=5, template_features=torch.randn(5, 8)),
+                ValueError,
+                "more than extra_classes=5",
+            ),
+            (lambda: TextToTextLoss(extra_classes=-1), ValueError, "extra_classes"),
+        ],
+    )
+    def test_bad_extra_classes(self, call, error, match) -> None:
+        with pytest.raises(error, match=match):
+            call()

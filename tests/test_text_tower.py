@@ -254,7 +254,9 @@ def test_default_plans_on_stanford_cars_x8(cars_lengths):
     assert 77 * len(cars_lengths) / floor > 4.9
 
     def plan(device: str, dtype: torch.dtype, checkpointing: bool = False):
-        cost = ChunkCost.default(tower, torch.device(device), dtype, checkpointing=checkpointing)
+        cost = ChunkCost.default(
+            tower, device=torch.device(device), dtype=dtype, checkpointing=checkpointing
+        )
         return plan_chunks(cars_lengths, cost=cost), cost
 
     def work(chunks) -> int:

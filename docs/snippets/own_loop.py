@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from promptmix import (
-    AssignmentEntropy,
     MixtureOfPromptsLoss,
     OffsetMixtureOfPrompts,
     SoftEMAssigner,
     TemperatureSchedule,
+    UsageEstimate,
     detect_collapse,
     initialize_from_kmeans,
 )
@@ -46,8 +46,8 @@ def make_loss(steps: int, regularise: bool) -> tuple[MixtureOfPromptsLoss, Tempe
     """The objective and its temperature schedule.
 
     ``regularise=True``: the loss's defaults, which the benchmark suite supports (docs/tuning.md).
-    ``False``: the design note's "before" (EM pull 1, no regularisers, tau annealed to 0.05),
-    which collapses.
+    ``False``: the original mixture-of-prompts code without regularisers (EM pull 1, tau
+    annealed to 0.05), which collapses.
     """
     if not regularise:
         schedule = TemperatureSchedule(start=1.0, end=0.05, total_steps=steps)
@@ -57,8 +57,8 @@ def make_loss(steps: int, regularise: bool) -> tuple[MixtureOfPromptsLoss, Tempe
         return before, schedule
     schedule = TemperatureSchedule(start=1.0, end=0.3, total_steps=steps)
     loss_fn = MixtureOfPromptsLoss(
-        # marginal entropy with a running usage estimate per class
-        entropy=AssignmentEntropy("marginal", num_classes=len(CLASSNAMES), n_subprompts=LOOKS),
+        # the marginal entropy, with a running usage estimate per class
+        usage_estimate=UsageEstimate(num_classes=len(CLASSNAMES), n_subprompts=LOOKS),
         tau=schedule,
     )
     return loss_fn, schedule
@@ -102,7 +102,7 @@ def main(steps: int = 300, regularise: bool = True, seed: int = 0) -> dict:
         subprompts = prompts()
         logits = loss_fn.logits(test_images, subprompts)
         accuracy = (logits.argmax(-1) == test_labels).float().mean().item()
-        claimed = SoftEMAssigner("hard")(test_images, subprompts, test_labels)
+        claimed = SoftEMAssigner(mode="hard")(test_images, subprompts, test_labels)
         report = detect_collapse(subprompts, claimed, test_labels)
     print(f"held-out accuracy {accuracy:.1%}; {report.message}")
     return {

@@ -1,6 +1,6 @@
 import torch
 
-from promptmix import AssignmentEntropy, MixtureOfPromptsLoss, TemperatureSchedule, detect_collapse
+from promptmix import MixtureOfPromptsLoss, TemperatureSchedule, UsageEstimate, detect_collapse
 
 torch.manual_seed(0)
 num_classes, n_subprompts, dim, steps = 10, 4, 512, 1000
@@ -14,8 +14,8 @@ labels = torch.randint(0, num_classes, (64,))
 schedule = TemperatureSchedule(total_steps=steps)  # tau 1 -> 0.3, linear: the recommended one
 loss_fn = MixtureOfPromptsLoss(  # the defaults: EM pull 10, marginal entropy 1, no diversity
     tau=schedule,
-    # spread each class's usage over its sub-prompts, with a running usage estimate per class
-    entropy=AssignmentEntropy("marginal", num_classes=num_classes, n_subprompts=n_subprompts),
+    # the marginal entropy spreads each class's usage, helped by a running usage estimate
+    usage_estimate=UsageEstimate(num_classes=num_classes, n_subprompts=n_subprompts),
 )
 out = loss_fn(image_features, subprompts, labels)
 out["loss"].backward()  # gradients reach the sub-prompts

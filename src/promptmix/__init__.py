@@ -1,7 +1,8 @@
 """promptmix: mixture-of-prompts learning for CLIP, with the regularizers that stop mode collapse.
 
 The public API is listed in `__all__`; the maths behind each module is in
-`promptmix.functional`, the collapse diagnostics in `promptmix.diagnostics`.
+`promptmix.functional`, the collapse diagnostics in `promptmix.diagnostics`. The API follows
+semantic versioning from 1.0.0 on (`docs/conventions.md`, `CHANGELOG.md`).
 """
 
 from promptmix import diagnostics, functional
@@ -22,9 +23,9 @@ from promptmix.regularizers import (
     ZeroShotConsistency,
 )
 from promptmix.schedule import TemperatureSchedule
-from promptmix.usage import SubpromptReviver, UsageFloor
+from promptmix.usage import SubpromptReviver, UsageEstimate, UsageFloor
 
-__version__ = "0.1.0"
+__version__ = "1.0.0"
 
 __all__ = [
     "AssignmentEntropy",
@@ -41,6 +42,7 @@ __all__ = [
     "SubpromptReviver",
     "TemperatureSchedule",
     "TextToTextLoss",
+    "UsageEstimate",
     "UsageFloor",
     "ZeroShotConsistency",
     "__version__",

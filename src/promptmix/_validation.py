@@ -19,6 +19,33 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+__all__ = [
+    "HOST_CHECKS",
+    "SUBPROMPT_SHAPE",
+    "as_subprompts",
+    "check_choice",
+    "check_finite",
+    "check_floating",
+    "check_int",
+    "check_labels",
+    "check_logit_scale",
+    "check_positive",
+    "check_rank",
+    "check_score_range",
+    "check_simplex",
+    "check_subprompts",
+    "check_tensor",
+    "check_unit_interval",
+    "clamp_labels",
+    "labels_out_of_range",
+    "nan_where",
+    "reads_host",
+    "simplex_tolerance",
+]
+
+#: The shape of sub-prompt features everywhere: `(C, K, D)`, or `(C, D)` for one prompt per class.
+SUBPROMPT_SHAPE = "(num_classes, K, dim) or (num_classes, dim)"
+
 #: Whether value checks may read tensors on the host at all. Tests set it to `False` to take the
 #: path a GPU takes (device-side NaN propagation) on CPU tensors.
 HOST_CHECKS = True
@@ -69,6 +96,28 @@ def check_subprompts(name: str, tensor: Tensor, dim: int) -> None:
         )
 
 
+def as_subprompts(name: str, value: object, shape: str = SUBPROMPT_SHAPE) -> Tensor:
+    """`value` as a floating-point `(rows, K, dim)` tensor with `K >= 1`: `(rows, dim)` is `K = 1`.
+
+    The one place where the package's shape convention for sub-prompt features is applied.
+    """
+    tensor = check_rank(name, value, (2, 3), shape)
+    tensor = tensor.unsqueeze(1) if tensor.dim() == 2 else tensor
+    check_subprompts(name, tensor, 1)
+    return tensor
+
+
+def check_finite(name: str, tensor: Tensor) -> Tensor:
+    """Return `tensor` if every entry is finite, else raise `ValueError` (reads the host).
+
+    Only for functions that read their inputs on the host anyway (set-up and reports: k-means,
+    initialisation, reviving, diagnostics); a training step propagates NaN instead.
+    """
+    if not bool(torch.isfinite(tensor.detach()).all()):
+        raise ValueError(f"{name} must be finite but holds NaN or inf.")
+    return tensor
+
+
 def check_labels(name: str, labels: object, batch: int, num_classes: int | None) -> Tensor:
     """Return `labels` as `torch.long` class indices if it is an integer tensor of shape `(batch,)`.
 
@@ -76,6 +125,11 @@ def check_labels(name: str, labels: object, batch: int, num_classes: int | None)
     so a `uint8` tensor is never taken for a boolean mask. The range `[0, num_classes)` is checked
     only where `reads_host` allows; elsewhere see `labels_out_of_range`.
     """
+    if isinstance(labels, (list, tuple)):
+        raise TypeError(
+            f"{name} must be an integer torch.Tensor but is a {type(labels).__name__}; "
+            "convert it with torch.as_tensor."
+        )
     tensor = check_tensor(name, labels)
     if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
         raise TypeError(f"{name} must be an integer tensor but has dtype {tensor.dtype}.")
@@ -109,14 +163,17 @@ def simplex_tolerance(probabilities: Tensor) -> float:
     return max(1e-3, 2 * probabilities.shape[-1] * torch.finfo(probabilities.dtype).eps)
 
 
-def check_simplex(name: str, probabilities: Tensor, *, non_finite: str = "propagate") -> Tensor:
+def check_simplex(
+    name: str, probabilities: Tensor, *, non_finite: str = "propagate", on_host: bool = False
+) -> Tensor:
     """Return `probabilities` if every finite row lies on the probability simplex.
 
     The tolerance grows with the dtype's rounding error, so float16/bfloat16 softmax rows pass.
-    Where `reads_host` allows, a finite row off the simplex raises `ValueError`; elsewhere the
-    returned tensor has NaN in such rows (a device-side check, no sync). Rows holding NaN or inf
-    are returned as they are (`non_finite="propagate"`: the result will be non-finite, e.g. from
-    NaN features upstream) or raise on any device (`non_finite="raise"`, for diagnostics).
+    Where `reads_host` allows (or `on_host=True`, for functions that read the host anyway, such
+    as the diagnostics), a finite row off the simplex raises `ValueError`; elsewhere the
+    returned tensor has NaN in such rows (a device-side check, no sync): use the result. Rows
+    holding NaN or inf are returned as they are (`non_finite="propagate"`: the result will be
+    non-finite, e.g. from NaN features upstream) or raise (`non_finite="raise"`).
     """
     if probabilities.numel() == 0:
         return probabilities
@@ -124,7 +181,7 @@ def check_simplex(name: str, probabilities: Tensor, *, non_finite: str = "propag
     values = probabilities.detach().float()
     if non_finite == "raise" and not torch.isfinite(values).all():
         raise ValueError(f"{name} must be finite but contains NaN or inf.")
-    if not reads_host(probabilities):
+    if not (on_host or reads_host(probabilities)):
         invalid = (values < -atol).any(dim=-1) | ((values.sum(dim=-1) - 1).abs() > atol)
         return nan_where(invalid.unsqueeze(-1), probabilities)
     finite_rows = torch.isfinite(values).all(dim=-1)
@@ -169,7 +226,7 @@ def check_logit_scale(value: object) -> float | Tensor:
 
 
 def check_score_range(tau: float, scale: float) -> float:
-    """Return `scale / tau` if the scores `scale * cos / tau` fit in float32.
+    """Return `scale / tau` if the scores `logit_scale * cos / tau` fit in float32.
 
     The E-step computes its scores in float32 (or float64) whatever the input dtype, so a
     small `tau` cannot overflow float16; a `tau` so small that even float32 overflows is a
@@ -179,8 +236,8 @@ def check_score_range(tau: float, scale: float) -> float:
     limit = torch.finfo(torch.float32).max
     if not math.isfinite(ratio) or ratio > limit:
         raise ValueError(
-            f"tau must be >= scale / {limit:.3g} = {scale / limit:.3g} (the scores scale * cos / "
-            f"tau must fit in float32) but is {tau} with scale {scale}."
+            f"tau must be >= logit_scale / {limit:.3g} = {scale / limit:.3g} (the scores "
+            f"logit_scale * cos / tau must fit in float32) but is {tau} with logit_scale {scale}."
         )
     return ratio
 

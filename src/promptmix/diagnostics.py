@@ -13,9 +13,24 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from promptmix import _validation
 from promptmix import functional as PF
-from promptmix._validation import check_int, check_labels, check_rank, check_unit_interval
+from promptmix._validation import (
+    as_subprompts,
+    check_int,
+    check_labels,
+    check_rank,
+    check_simplex,
+    check_unit_interval,
+)
+
+__all__ = [
+    "CollapseReport",
+    "detect_collapse",
+    "dominant_share",
+    "effective_subprompts",
+    "mean_pairwise_cosine",
+    "subprompt_usage",
+]
 
 #: How many collapsed classes the message of `detect_collapse` names before "and N more".
 MESSAGE_CLASSES = 10
@@ -30,7 +45,7 @@ def mean_pairwise_cosine(subprompt_features: Tensor) -> Tensor:
     was the signed cosine, which scored them -1, "maximally diverse".)
 
     Args:
-        subprompt_features: `(num_classes, K, dim)`.
+        subprompt_features: `(num_classes, K, dim)` (`(num_classes, dim)`: `K = 1`).
 
     Returns:
         `(num_classes,)` in `[0, 1]`; `K == 1` gives 1 (a single sub-prompt is fully
@@ -51,7 +66,7 @@ def mean_pairwise_cosine(subprompt_features: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def subprompt_usage(responsibilities: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+def subprompt_usage(responsibilities: Tensor, labels: Tensor, *, num_classes: int) -> Tensor:
     """Share of each class's assignments that each sub-prompt receives.
 
     Args:
@@ -113,7 +128,7 @@ def effective_subprompts(usage: Tensor) -> Tensor:
     return PF.entropy(usage).exp()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CollapseReport:
     """The verdict of `detect_collapse`, with the numbers behind it (means over classes)."""
 
@@ -151,7 +166,7 @@ def detect_collapse(
     empty batch of responsibilities.
 
     Args:
-        subprompt_features: `(num_classes, K, dim)`.
+        subprompt_features: `(num_classes, K, dim)` (`(num_classes, dim)`: `K = 1`).
         responsibilities: `(batch, K)` assignments, or `None` to judge features only.
         labels: `(batch,)` classes of `responsibilities`' rows (required with them).
         cosine_threshold: in `[0, 1]`.
@@ -169,7 +184,7 @@ def detect_collapse(
     """
     check_unit_interval("cosine_threshold", cosine_threshold, closed_right=True)
     check_unit_interval("share_threshold", share_threshold, closed_right=True)
-    check_rank("subprompt_features", subprompt_features, (3,), "(num_classes, K, dim)")
+    subprompt_features = as_subprompts("subprompt_features", subprompt_features)
     num_classes, k = subprompt_features.shape[:2]
     if num_classes == 0 or k == 0:
         raise ValueError(
@@ -199,8 +214,8 @@ def detect_collapse(
                 "responsibilities must hold at least one row to judge usage but has shape "
                 f"{tuple(responsibilities.shape)}; pass None to judge the features only."
             )
-        _check_simplex_on_host(responsibilities)
-        usage = subprompt_usage(responsibilities, labels, num_classes)
+        responsibilities = _check_simplex_on_host(responsibilities)
+        usage = subprompt_usage(responsibilities, labels, num_classes=num_classes)
         shares = dominant_share(usage)
         for c in (shares.nan_to_num(0.0) > share_threshold).nonzero().flatten().tolist():
             reasons.setdefault(int(c), []).append(
@@ -228,13 +243,13 @@ def detect_collapse(
     else:
         message = f"{summary}: no collapse"
     return CollapseReport(
-        bool(classes),
-        mean_cosine,
-        share,
-        effective,
-        classes,
-        message,
-        {c: reasons[c] for c in classes},
+        collapsed=bool(classes),
+        mean_cosine=mean_cosine,
+        dominant_share=share,
+        effective_subprompts=effective,
+        collapsed_classes=classes,
+        message=message,
+        reasons={c: reasons[c] for c in classes},
     )
 
 
@@ -250,11 +265,6 @@ def _check_finite(name: str, tensor: Tensor) -> None:
         )
 
 
-def _check_simplex_on_host(responsibilities: Tensor) -> None:
+def _check_simplex_on_host(responsibilities: Tensor) -> Tensor:
     """Diagnostics read values on the host anyway, so the simplex check raises on any device."""
-    switch = _validation.HOST_CHECKS
-    try:
-        _validation.HOST_CHECKS = True
-        _validation.check_simplex("responsibilities", responsibilities.cpu(), non_finite="raise")
-    finally:
-        _validation.HOST_CHECKS = switch
+    return check_simplex("responsibilities", responsibilities, non_finite="raise", on_host=True)

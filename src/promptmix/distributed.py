@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+__all__ = ["gather_no_grad", "gather_with_grad", "is_distributed", "local_slice"]
+
 
 def is_distributed() -> bool:
     """Whether a `torch.distributed` process group is initialised with more than one process."""
@@ -42,7 +44,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        return local_slice(grad, ctx.local_batch)
+        return local_slice(grad, local_batch=ctx.local_batch)
 
 
 def _all_gather(tensor: Tensor) -> Tensor:
@@ -82,7 +84,7 @@ def gather_no_grad(tensor: Tensor) -> Tensor:
     return _all_gather(tensor)
 
 
-def local_slice(gathered: Tensor, local_batch: int) -> Tensor:
+def local_slice(gathered: Tensor, *, local_batch: int) -> Tensor:
     """The rows of this process in a tensor from `gather_with_grad`/`gather_no_grad`."""
     if not is_distributed():
         return gathered

@@ -7,6 +7,8 @@ from torch import Tensor, nn
 from promptmix import functional as PF
 from promptmix._validation import check_choice, check_positive, check_unit_interval
 
+__all__ = ["DiversityLoss"]
+
 
 class DiversityLoss(nn.Module):
     r"""Mean (squared) pairwise cosine between each class's sub-prompt features.
@@ -16,8 +18,11 @@ class DiversityLoss(nn.Module):
         \max\left(0, |\cos(t_{ci}, t_{cj})| - m\right)^p
     $$
 
-    Returns the **unweighted** value; `MixtureOfPromptsLoss` applies the weight.
-    Identical sub-prompts give `(1 - m)^p` (1 by default), mutually orthogonal ones give 0.
+    Returns the **unweighted** value; `MixtureOfPromptsLoss` applies the weight and passes the
+    mask of the classes in the batch as `class_mask`. Identical sub-prompts give `(1 - m)^p`
+    (1 by default), mutually orthogonal ones give 0. (The original mixture-of-prompts code's
+    diversity term was another penalty: piecewise in the cosine $s$, with terms in $s$, $s^2$,
+    $s^4$ and $s^8$ above thresholds, averaged over the batch's images.)
 
     Args:
         power: exponent `p >= 1` (2 penalises near-duplicates much more than mild overlap).
@@ -26,7 +31,9 @@ class DiversityLoss(nn.Module):
         reduction: `"mean"` or `"sum"` over classes, or `"none"` for one value per class.
 
     Shape:
-        - subprompt_features: `(num_classes, K, dim)`, normalised or not.
+        - subprompt_features: `(num_classes, K, dim)`, normalised or not (`(num_classes, dim)`:
+          `K = 1`, no pairs, 0).
+        - class_mask: `(num_classes,)` bool, or `None` for all classes.
         - output: scalar, or `(num_classes,)` with `reduction="none"`.
 
     Examples:
@@ -38,7 +45,12 @@ class DiversityLoss(nn.Module):
         tensor(0.)
     """
 
-    def __init__(self, power: float = 2.0, margin: float = 0.0, reduction: PF.Reduction = "mean"):
+    #: What `MixtureOfPromptsLoss` passes to `forward`, by name.
+    inputs: tuple[str, ...] = ("subprompt_features", "class_mask")
+
+    def __init__(
+        self, *, power: float = 2.0, margin: float = 0.0, reduction: PF.Reduction = "mean"
+    ):
         super().__init__()
         self.power = check_positive("power", power)
         if self.power < 1:
@@ -56,10 +68,10 @@ class DiversityLoss(nn.Module):
         """
         return PF.diversity_loss(
             subprompt_features,
+            class_mask,
             power=self.power,
             margin=self.margin,
             reduction=self.reduction,
-            class_mask=class_mask,
         )
 
     def extra_repr(self) -> str:

@@ -12,6 +12,8 @@ from torch import Tensor
 
 from promptmix._validation import check_positive, check_tensor
 
+__all__ = ["prograd_backward", "project_conflicting_gradients"]
+
 
 def _projected(gradient: Tensor, reference: Tensor, strength: float) -> tuple[Tensor, Tensor]:
     """`gradient` with `strength` times its conflicting component removed, and their cosine."""
@@ -19,13 +21,13 @@ def _projected(gradient: Tensor, reference: Tensor, strength: float) -> tuple[Te
     g, r = gradient.to(compute), reference.to(compute)
     dot = (g * r).sum()
     reference_norm2 = (r * r).sum()
-    conflict = (dot < 0) & (reference_norm2 > 0)
-    # torch.where instead of `if dot < 0`: no host-device synchronisation on GPUs.
-    coefficient = torch.where(
-        conflict, strength * dot / torch.where(conflict, reference_norm2, 1.0), 0.0
-    )
+    # No conflict where `dot >= 0` or the reference is zero. Written so that NaN (which compares
+    # False) takes the projecting branch: a NaN gradient or reference gives a NaN result, not an
+    # unchanged one. torch.where instead of `if dot < 0`: no host-device synchronisation on GPUs.
+    keep = (dot >= 0) | (reference_norm2 == 0)
+    coefficient = torch.where(keep, 0.0, strength * dot / torch.where(keep, 1.0, reference_norm2))
     norms = torch.sqrt(reference_norm2 * (g * g).sum())
-    cosine = torch.where(norms > 0, dot / torch.where(norms > 0, norms, 1.0), 0.0)
+    cosine = torch.where(norms == 0, 0.0, dot / torch.where(norms == 0, 1.0, norms))
     return (g - coefficient * r).to(gradient.dtype), cosine
 
 
@@ -55,18 +57,25 @@ def project_conflicting_gradients(
     trainer.py`, `prograd_backward_and_update`) projects each parameter tensor separately
     (`per_parameter=True`) with `LOSS.LAMBDA = 1`. `per_parameter=False` projects the
     concatenation of all gradients instead. Computed in (at least) float32; the results keep each
-    gradient's dtype. A zero reference gradient leaves $g$ unchanged.
+    gradient's dtype. A zero reference gradient leaves $g$ unchanged (cosine 0); NaN or inf in
+    either gradient gives a NaN gradient and a NaN cosine.
 
     Args:
-        gradients: one gradient per parameter (`None` for a parameter without one).
+        gradients: one floating-point gradient per parameter (`None` for a parameter without
+            one).
         reference_gradients: the reference gradient of each parameter, same order and shapes.
         strength: $\lambda \ge 0$ (0: no projection).
         per_parameter: project each parameter on its own (ProGrad) or all of them together.
 
     Returns:
-        The projected gradients (`None` where either gradient is `None`: a parameter
-        without a reference gradient keeps its gradient), and the cosines between $g$ and
-        $g_{\mathrm{ref}}$ before the projection, one per projected parameter (or one).
+        The projected gradients, one per parameter: `None` where the gradient is `None`, and
+        the gradient unchanged where only its reference is `None`; and the cosines between $g$
+        and $g_{\mathrm{ref}}$ before the projection, one per parameter that has both (or one
+        for all of them with `per_parameter=False`; empty if none has both).
+
+    Raises:
+        TypeError: If a gradient is not a floating-point tensor.
+        ValueError: If the sequences differ in length or a pair in shape.
 
     Examples:
         >>> import torch
@@ -84,10 +93,14 @@ def project_conflicting_gradients(
     strength = check_positive("strength", strength, allow_zero=True)
     pairs = []
     for index, (gradient, reference) in enumerate(zip(gradients, reference_gradients, strict=True)):
+        for name, value in (("gradients", gradient), ("reference_gradients", reference)):
+            if value is not None and not (isinstance(value, Tensor) and value.is_floating_point()):
+                raise TypeError(
+                    f"{name}[{index}] must be a floating-point tensor or None but is "
+                    f"{getattr(value, 'dtype', type(value).__name__)}."
+                )
         if gradient is None or reference is None:
             continue
-        check_tensor(f"gradients[{index}]", gradient)
-        check_tensor(f"reference_gradients[{index}]", reference)
         if gradient.shape != reference.shape:
             raise ValueError(
                 f"gradients[{index}] has shape {tuple(gradient.shape)} but "
@@ -152,13 +165,19 @@ def prograd_backward(
         loss: the scalar whose gradient is applied (ProGrad: the cross-entropy).
         reference_loss: the scalar whose gradient direction must not be opposed (ProGrad: the
             zero-shot distillation, `ZeroShotConsistency`).
-        parameters: the parameters to update; those without `requires_grad` are skipped.
+        parameters: an iterable of the parameters to update (a list, `module.parameters()`;
+            wrap a single parameter in a list); those without `requires_grad` are skipped.
         strength: $\lambda \ge 0$.
         per_parameter: project each parameter tensor on its own (ProGrad) or all together.
 
     Returns:
         The cosines between the two gradients before projection (see
         `project_conflicting_gradients`), for logging how often they conflict.
+
+    Raises:
+        TypeError: If `parameters` is a single tensor rather than an iterable of them, holds
+            something that is not a leaf tensor, or a loss is not a tensor.
+        ValueError: If no parameter requires a gradient, or a loss is not a scalar.
 
     Examples:
         >>> import torch
@@ -170,9 +189,23 @@ def prograd_backward(
         >>> weight.grad
         tensor([1., 0.])
     """
-    check_tensor("loss", loss)
-    check_tensor("reference_loss", reference_loss)
-    params = [p for p in parameters if p.requires_grad]
+    for name, value in (("loss", loss), ("reference_loss", reference_loss)):
+        check_tensor(name, value)
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar but has shape {tuple(value.shape)}.")
+    if isinstance(parameters, Tensor):
+        raise TypeError(
+            "parameters must be an iterable of parameters, not a single tensor (iterating a "
+            "tensor walks its rows, which get no gradient); pass [parameter]."
+        )
+    candidates = list(parameters)
+    for index, param in enumerate(candidates):
+        if not isinstance(param, Tensor) or not param.is_leaf:
+            raise TypeError(
+                f"parameters[{index}] must be a leaf tensor (a parameter) but is "
+                f"{type(param).__name__ if not isinstance(param, Tensor) else 'a non-leaf tensor'}."
+            )
+    params = [p for p in candidates if p.requires_grad]
     if not params:
         raise ValueError("parameters holds no parameter that requires a gradient.")
     reference = torch.autograd.grad(reference_loss, params, retain_graph=True, allow_unused=True)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from promptmix import functional as PF
-from promptmix._validation import check_int, check_positive, check_rank
+from promptmix._validation import check_int, check_labels, check_positive, check_rank
 from promptmix.prompts import OffsetMixtureOfPrompts
 
 __all__ = ["initialize_from_kmeans"]
@@ -53,9 +53,11 @@ def initialize_from_kmeans(
       minimises $\frac{1}{CK}\sum_{ck} (1 - \cos(t_{ck}, \mu_{ck}))$, so each sub-prompt's context
       learns to say its look before the real training starts.
 
-    Classes without an image keep their initial sub-prompts. A class with fewer images than K
-    starts from its images, repeated (the fallback of `kmeans_subprompts`), and the repeats are
-    moved apart by noise of expected norm `init_noise_std` of the learner (0.1 if it has none).
+    Classes without an image (no label of theirs in `labels`) keep their initial sub-prompts. A
+    class with fewer images than K starts from its images, repeated (the fallback of
+    `kmeans_subprompts`), and the repeats are moved apart by noise of expected norm
+    `init_noise_std` of the learner (0.1 if it has none). Everything is checked before the
+    learner changes: NaN, inf or zero image features raise (k-means reads them on the host).
 
     Args:
         prompts: the learner, e.g. `OffsetMixtureOfPrompts` or `MixtureOfPrompts`.
@@ -70,6 +72,11 @@ def initialize_from_kmeans(
     Returns:
         `(num_classes, K, dim)` the centroids the sub-prompts were moved to (zero rows for
         classes without images).
+
+    Raises:
+        TypeError: If `labels` is not an integer tensor.
+        ValueError: On image features of another dimension than the prompts', with NaN, inf or
+            zero rows, or labels outside `[0, num_classes)`.
 
     Examples:
         >>> import open_clip, torch
@@ -88,8 +95,13 @@ def initialize_from_kmeans(
         True
     """
     check_rank("image_features", image_features, (2,), "(n, dim)")
+    labels = check_labels("labels", labels, image_features.shape[0], None)
     check_int("fit_steps", fit_steps, minimum=0)
     check_positive("fit_lr", fit_lr)
+    if not isinstance(prompts, nn.Module):
+        raise TypeError(
+            f"prompts must be a prompt learner (nn.Module) but is {type(prompts).__name__}."
+        )
     with torch.no_grad():
         current = prompts()
     check_rank("prompts()", current, (3,), "(num_classes, K, dim)")
@@ -110,7 +122,10 @@ def initialize_from_kmeans(
     )
     noise_std = float(getattr(prompts, "init_noise_std", 0.1))
     targets = _separate_duplicates(centroids, noise_std, generator)
-    has_images = centroids.norm(dim=-1).amax(dim=-1) > 0  # (C,)
+    # From the labels, not from the centroids' norms: k-means has rejected zero features, and a
+    # class is "without images" only when no label names it.
+    has_images = torch.bincount(labels.cpu(), minlength=num_classes)[:num_classes] > 0
+    has_images = has_images.to(centroids.device)
     if isinstance(prompts, OffsetMixtureOfPrompts):
         with torch.no_grad():
             offsets = targets.to(prompts.offsets.dtype) - prompts.text_features

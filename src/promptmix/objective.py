@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
-from typing import cast
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,19 +25,69 @@ from promptmix.assignment import SoftEMAssigner
 from promptmix.diversity import DiversityLoss
 from promptmix.entropy import AssignmentEntropy
 from promptmix.schedule import TemperatureSchedule
+from promptmix.usage import UsageEstimate
 
-# The loss's default weights were chosen on the benchmark suite (benchmarks/suite.py,
-# docs/tuning.md): a strong EM pull keeps each sub-prompt on the images it explains; the
-# marginal entropy keeps sub-prompts in use when they start at the class text feature; the
-# diversity term (no margin) pushes sub-prompts below the cosine that a class's true looks
-# have, so it is off.
-DEFAULT_ENTROPY_MODE: PF.EntropyMode = "marginal"
+__all__ = ["BUILTIN_INPUTS", "OUTPUT_KEYS", "LossPart", "MixtureOfPromptsLoss"]
 
 #: The keys of the loss's output dict; an extra regularizer's name may not be one of them.
 OUTPUT_KEYS = ("loss", "ce", "mixture", "diversity", "entropy", "tau", "logits", "responsibilities")
-#: What the loss itself hands to a regularizer that names it in its `inputs`.
-BUILTIN_INPUTS = ("image_features", "subprompt_features", "labels", "logits")
+#: What the loss itself hands to a part that names it in its `inputs`.
+BUILTIN_INPUTS = (
+    "image_features",
+    "subprompt_features",
+    "labels",
+    "logits",
+    "responsibilities",
+    "usage_prior",
+    "class_mask",
+)
 
+
+class LossPart(Protocol):
+    """What plugs into `MixtureOfPromptsLoss`: an `nn.Module` whose `forward` takes the keyword
+    arguments named in `inputs` and returns a 0-dim floating-point tensor.
+
+    The loss passes `BUILTIN_INPUTS` itself; any other name comes from its `forward`'s keyword
+    arguments. `DiversityLoss`, `AssignmentEntropy`, `UsageFloor` and the field's regularizers
+    are parts; so is any module of yours that declares `inputs`.
+    """
+
+    inputs: tuple[str, ...]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def _inputs_of(name: str, module: object) -> tuple[str, ...]:
+    """The inputs a part declares: the one protocol of every term of the loss."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{name} must hold an nn.Module but holds {type(module).__name__}.")
+    inputs = getattr(module, "inputs", None)
+    if not (isinstance(inputs, tuple) and all(isinstance(i, str) for i in inputs)):
+        raise TypeError(
+            f"{name} ({type(module).__name__}) must declare the keyword arguments its forward "
+            f"takes as a tuple of names in `inputs` but has {inputs!r}."
+        )
+    return inputs
+
+
+def _check_part(name: str, module: object) -> tuple[str, ...]:
+    """`_inputs_of`, and that `forward` takes them and returns a scalar (at construction)."""
+    inputs = _inputs_of(name, module)
+    assert isinstance(module, nn.Module)
+    parameters = inspect.signature(module.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    unknown = [i for i in inputs if i not in parameters and not takes_any]
+    if unknown:
+        raise TypeError(
+            f"{name} ({type(module).__name__}) declares inputs {', '.join(unknown)} that its "
+            "forward() does not take."
+        )
+    if getattr(module, "reduction", None) == "none":
+        raise ValueError(
+            f"{name} ({type(module).__name__}) has reduction='none' and returns one value per "
+            "sample or class; a term of the loss must be a scalar: use 'mean' or 'sum'."
+        )
+    return inputs
 
 
 def _check_sync(name: str, part: nn.Module, sync_distributed: bool) -> None:
@@ -47,13 +98,8 @@ def _check_sync(name: str, part: nn.Module, sync_distributed: bool) -> None:
         )
 
 
-def _inputs_of(module: nn.Module) -> tuple[str, ...]:
-    """The keyword arguments a regularizer's `forward` takes (checked at construction)."""
-    return cast(tuple[str, ...], module.inputs)
-
-
 def _check_regularizers(
-    regularizers: Mapping[str, tuple[nn.Module, float]],
+    regularizers: Mapping[str, tuple[LossPart, float]],
 ) -> tuple[dict[str, nn.Module], dict[str, float]]:
     """Validated `{name: module}` and `{name: weight}` from `{name: (module, weight)}`."""
     if not isinstance(regularizers, Mapping):
@@ -76,20 +122,26 @@ def _check_regularizers(
                 f"regularizers[{name!r}] must be a (module, weight) tuple but is {entry!r}."
             )
         module, weight = entry
-        if not isinstance(module, nn.Module):
-            raise TypeError(
-                f"regularizers[{name!r}] must hold an nn.Module but holds "
-                f"{type(module).__name__}."
-            )
-        inputs = getattr(module, "inputs", None)
-        if not (isinstance(inputs, tuple) and all(isinstance(i, str) for i in inputs)):
-            raise TypeError(
-                f"regularizers[{name!r}] ({type(module).__name__}) must declare the keyword "
-                f"arguments it takes as a tuple of names in `inputs` but has {inputs!r}."
-            )
+        _check_part(f"regularizers[{name!r}]", module)
+        assert isinstance(module, nn.Module)
         modules[name] = module
         weights[name] = check_positive(f"regularizers[{name!r}] weight", weight, allow_zero=True)
     return modules, weights
+
+
+def _scalar_term(name: str, module: nn.Module, value: object) -> Tensor:
+    """A part's output, if it is a 0-dim floating-point tensor (shapes only: no host read)."""
+    if not isinstance(value, Tensor) or not value.is_floating_point() or value.dim() != 0:
+        what = (
+            f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+            if isinstance(value, Tensor)
+            else type(value).__name__
+        )
+        raise TypeError(
+            f"{name} ({type(module).__name__}) must return a 0-dim floating-point tensor (a "
+            f"scalar term of the loss) but returned {what}."
+        )
+    return value
 
 
 class MixtureOfPromptsLoss(nn.Module):
@@ -108,24 +160,36 @@ class MixtureOfPromptsLoss(nn.Module):
       `promptmix.functional.class_logits`).
     - `mixture`: the EM M-step: each sub-prompt is pulled toward the images assigned to it, with
       the `assigner`'s responsibilities $\bar\gamma$ *detached* (they are targets).
-    - `diversity`: the `diversity` module over the classes present in the batch.
-    - `entropy`: the `entropy` module on the *soft* responsibilities at `tau`, with their
+    - `diversity`: the `diversity` part over the classes present in the batch.
+    - `entropy`: the `entropy` part on the *soft* responsibilities at `tau`, with their
       gradient, so maximising it moves the sub-prompts. Skipped when the assigner is `"hard"`
       (hard assignments have no entropy to spread).
     - one term per entry of `regularizers`, reported under its name.
 
-    The parts are configured modules, passed in as pytorch-metric-learning's losses take reducers:
-    `assigner=SoftEMAssigner(...)`, `entropy=AssignmentEntropy(...)`,
-    `diversity=DiversityLoss(...)`. The default weights (mixture 10, entropy 1, diversity 0) come
-    from `benchmarks/suite.py`; a weight of 0 switches its term off (it is reported as a
-    graph-connected zero and not computed). The evidence for the defaults is in `docs/tuning.md`.
+    **One E-step per step.** The loss computes the soft responsibilities
+    $\gamma = \operatorname{softmax}_k(s_a \cos / \tau)$ once (with the assigner's
+    `logit_scale` $s_a$), derives the assigner's targets $\bar\gamma$ from the same scores, and
+    hands $\gamma$ to every part that declares `"responsibilities"` in its `inputs`. With a
+    `usage_estimate`, it hands its running usage to every part that declares `"usage_prior"`
+    (`AssignmentEntropy`, `UsageFloor`) and then, in training mode, updates it once from
+    $\gamma$: one estimate, without host syncs, that `SubpromptReviver` can read too.
 
-    **Extra regularizers.** `regularizers={"anchor": (PromptAnchor(), 8.0)}` adds
-    $w \cdot R$ for each entry. Each module declares in its `inputs` attribute (a tuple of names)
-    the keyword arguments its `forward` takes; the loss passes `image_features`,
-    `subprompt_features` (all classes), `labels` and `logits` (the class logits, with their
-    gradient) itself, and any other name, such as `anchor_features=`, must be passed to this
-    loss's `forward` as a keyword argument. A name may not shadow a key of the output dict.
+    **One way to plug a part in.** Every term beyond the cross-entropy and the EM pull is an
+    `nn.Module` that declares in its `inputs` attribute (a tuple of names) the keyword arguments
+    its `forward` takes and returns a scalar: the `diversity=` and `entropy=` slots (whose
+    weights and signs the loss owns) and each entry of `regularizers={name: (module, weight)}`
+    alike. The loss passes what it has by name: `image_features`, `subprompt_features` (all
+    classes), `labels`, `logits` (the class logits, with their gradient), `responsibilities`
+    (soft, with their gradient), `usage_prior` (`None` without a `usage_estimate`) and
+    `class_mask` (the classes in the batch); any other name, such as `anchor_features=`, must
+    be passed to this loss's `forward` as a keyword argument. A name may not shadow a key of the
+    output dict.
+
+    **Weights.** The default weights (mixture 10, entropy 1, diversity 0) come from
+    `benchmarks/suite.py` (evidence in `docs/tuning.md`). A weight of 0 keeps a term out of the
+    gradient: the term is still computed, without a graph, and reported, so its inputs are
+    checked and it can be logged (NaN in it still makes the loss NaN, as the policy of
+    `docs/reliability.md` asks).
 
     Args:
         diversity_weight: $w_d \ge 0$.
@@ -134,19 +198,20 @@ class MixtureOfPromptsLoss(nn.Module):
         aggregation: how class logits pool the K sub-prompts: `"logsumexp"`, `"max"`,
             `"mean"` or `"responsibility"`.
         tau: a fixed temperature, or a `TemperatureSchedule` (stored as `self.schedule`,
-            saved in `state_dict`; call `schedule.step()` once per iteration yourself).
-        assigner: the E-step for the EM targets; default `SoftEMAssigner("soft")`.
-        entropy: the entropy term; default `AssignmentEntropy("marginal")`. Give it
-            `num_classes` and `n_subprompts` to keep a running usage estimate per class.
-        diversity: the diversity term; default `DiversityLoss()`.
+            saved in `state_dict`; call `step()` on it once per iteration yourself).
+        assigner: the E-step for the EM targets; default `SoftEMAssigner()` (soft).
+        entropy: the entropy part; default `AssignmentEntropy()` (marginal).
+        diversity: the diversity part; default `DiversityLoss()`.
+        usage_estimate: a `UsageEstimate` the loss updates and hands to the parts as
+            `usage_prior`, or `None`.
         regularizers: extra terms, `{name: (module, weight)}`.
-        sync_distributed: gather the classes whose sub-prompts the diversity term sees across DDP
-            processes; the default assigner and entropy are built with the same setting, and
-            configured ones must match it.
+        sync_distributed: gather the classes whose sub-prompts the diversity term sees, and the
+            rows of the usage update, across DDP processes; the default assigner and entropy
+            are built with the same setting, and configured ones must match it.
 
     Shape:
         - image_features: `(batch, dim)`.
-        - subprompt_features: `(num_classes, K, dim)`.
+        - subprompt_features: `(num_classes, K, dim)` (`(num_classes, dim)`: `K = 1`).
         - labels: `(batch,)` integer classes in `[0, num_classes)`.
         - output: a dict of tensors: `"loss"`, `"ce"`, `"mixture"`, `"diversity"`,
           `"entropy"` (scalars; `"entropy"` is the unweighted, positive entropy), `"tau"`
@@ -154,21 +219,29 @@ class MixtureOfPromptsLoss(nn.Module):
           `(batch, K)`, the EM targets (both detached), and one unweighted scalar per extra
           regularizer.
 
+    Raises:
+        TypeError: At construction, on a part that is not a module declaring its `inputs`; in
+            `forward`, on a keyword input no part takes, an input a part needs that was not
+            given, or a part that returns something other than a 0-dim floating-point tensor.
+        ValueError: On a part with `reduction="none"` or a `sync_distributed` that differs
+            from the loss's.
+
     Examples:
         >>> import torch
-        >>> from promptmix import AssignmentEntropy, SoftEMAssigner
+        >>> from promptmix import SoftEMAssigner, UsageEstimate
         >>> _ = torch.manual_seed(0)
         >>> subprompts = torch.randn(5, 3, 16, requires_grad=True)
         >>> images, labels = torch.randn(8, 16), torch.randint(0, 5, (8,))
+        >>> schedule = TemperatureSchedule(total_steps=100)
         >>> loss_fn = MixtureOfPromptsLoss(
-        ...     tau=TemperatureSchedule(total_steps=100),
-        ...     assigner=SoftEMAssigner("sinkhorn"),
-        ...     entropy=AssignmentEntropy("marginal", num_classes=5, n_subprompts=3),
+        ...     tau=schedule,
+        ...     assigner=SoftEMAssigner(mode="sinkhorn"),
+        ...     usage_estimate=UsageEstimate(num_classes=5, n_subprompts=3),
         ... )
         >>> out = loss_fn(images, subprompts, labels)
         >>> sorted(out)
         ['ce', 'diversity', 'entropy', 'logits', 'loss', 'mixture', 'responsibilities', 'tau']
-        >>> out["loss"].backward(); loss_fn.schedule.step()
+        >>> out["loss"].backward(); schedule.step()
         >>> subprompts.grad.shape
         torch.Size([5, 3, 16])
         >>> loss_fn.logits(images, subprompts).shape  # the classifier, for evaluation
@@ -176,6 +249,7 @@ class MixtureOfPromptsLoss(nn.Module):
     """
 
     schedule: TemperatureSchedule | None
+    usage_estimate: UsageEstimate | None
 
     def __init__(
         self,
@@ -184,11 +258,12 @@ class MixtureOfPromptsLoss(nn.Module):
         entropy_weight: float = 1.0,
         mixture_weight: float = 10.0,
         aggregation: PF.Aggregation = "logsumexp",
-        tau: float | TemperatureSchedule = 0.3,
+        tau: float | TemperatureSchedule = PF.DEFAULT_TAU,
         assigner: SoftEMAssigner | None = None,
-        entropy: AssignmentEntropy | None = None,
-        diversity: DiversityLoss | None = None,
-        regularizers: Mapping[str, tuple[nn.Module, float]] | None = None,
+        entropy: LossPart | None = None,
+        diversity: LossPart | None = None,
+        usage_estimate: UsageEstimate | None = None,
+        regularizers: Mapping[str, tuple[LossPart, float]] | None = None,
         sync_distributed: bool = False,
     ):
         super().__init__()
@@ -205,32 +280,39 @@ class MixtureOfPromptsLoss(nn.Module):
         else:
             self.schedule, self.fixed_tau = None, check_positive("tau", tau)
         self.sync_distributed = bool(sync_distributed)
-        for name, part, kind in (
-            ("assigner", assigner, SoftEMAssigner),
-            ("entropy", entropy, AssignmentEntropy),
-            ("diversity", diversity, DiversityLoss),
-        ):
-            if part is not None and not isinstance(part, kind):
-                raise TypeError(
-                    f"{name} must be an instance of {kind.__name__} but is {type(part).__name__}."
-                )
-        if assigner is None:
-            assigner = SoftEMAssigner("soft", sync_distributed=self.sync_distributed)
-        if entropy is None:
-            entropy = AssignmentEntropy(
-                DEFAULT_ENTROPY_MODE, sync_distributed=self.sync_distributed
+        if assigner is not None and not isinstance(assigner, SoftEMAssigner):
+            raise TypeError(
+                f"assigner must be an instance of SoftEMAssigner but is {type(assigner).__name__}."
             )
+        if usage_estimate is not None and not isinstance(usage_estimate, UsageEstimate):
+            raise TypeError(
+                "usage_estimate must be an instance of UsageEstimate but is "
+                f"{type(usage_estimate).__name__}."
+            )
+        if assigner is None:
+            assigner = SoftEMAssigner(sync_distributed=self.sync_distributed)
+        if entropy is None:
+            entropy = AssignmentEntropy(sync_distributed=self.sync_distributed)
+        if diversity is None:
+            diversity = DiversityLoss()
+        _check_part("entropy", entropy)
+        _check_part("diversity", diversity)
+        assert isinstance(entropy, nn.Module) and isinstance(diversity, nn.Module)
         _check_sync("assigner", assigner, self.sync_distributed)
         _check_sync("entropy", entropy, self.sync_distributed)
         self.assigner = assigner
         self.entropy = entropy
-        self.diversity = diversity if diversity is not None else DiversityLoss()
+        self.diversity = diversity
+        self.usage_estimate = usage_estimate
         modules, self.regularizer_weights = _check_regularizers(regularizers or {})
         self.regularizers = nn.ModuleDict(modules)
 
     def current_tau(self) -> float:
         """The temperature the next call uses when none is passed."""
-        return self.schedule() if self.schedule is not None else float(self.fixed_tau)  # type: ignore[arg-type]
+        if self.schedule is not None:
+            return self.schedule()
+        assert self.fixed_tau is not None
+        return self.fixed_tau
 
     def _class_logits(
         self, similarities: Tensor, logit_scale: float | Tensor, tau: float
@@ -240,7 +322,7 @@ class MixtureOfPromptsLoss(nn.Module):
             logit_scale=logit_scale,
             aggregation=self.aggregation,
             tau=tau,
-            assigner_scale=self.assigner.scale,
+            assignment_logit_scale=self.assigner.logit_scale,
         )
 
     def logits(
@@ -248,7 +330,7 @@ class MixtureOfPromptsLoss(nn.Module):
         image_features: Tensor,
         subprompt_features: Tensor,
         *,
-        logit_scale: float | Tensor = 100.0,
+        logit_scale: float | Tensor = PF.DEFAULT_LOGIT_SCALE,
         tau: float | None = None,
     ) -> Tensor:
         """The mixture's classifier: class logits that pool each class's K similarities.
@@ -257,7 +339,8 @@ class MixtureOfPromptsLoss(nn.Module):
 
         Args:
             image_features: `(batch, dim)`, normalised or not.
-            subprompt_features: `(num_classes, K, dim)`, normalised or not.
+            subprompt_features: `(num_classes, K, dim)` (or `(num_classes, dim)`), normalised
+                or not.
             logit_scale: positive float or 0-dim tensor, e.g. CLIP's `logit_scale.exp()`.
             tau: temperature of the `"responsibility"` aggregation; `None` takes the current one.
 
@@ -268,30 +351,21 @@ class MixtureOfPromptsLoss(nn.Module):
         similarities = PF.subprompt_similarities(image_features, subprompt_features)
         return self._class_logits(similarities, logit_scale, tau)
 
-    def _regularizer_terms(
-        self, zero: Tensor, available: dict[str, Tensor], extra: dict[str, Tensor]
-    ) -> dict[str, Tensor]:
-        wanted = {name for module in self.regularizers.values() for name in _inputs_of(module)}
-        unused = sorted(set(extra) - wanted)
-        if unused:
-            raise TypeError(
-                f"forward() got keyword argument(s) {', '.join(unused)} that no regularizer "
-                f"takes; the regularizers take: {', '.join(sorted(wanted)) or 'nothing'}."
-            )
-        terms: dict[str, Tensor] = {}
-        for name, module in self.regularizers.items():
-            missing = [i for i in _inputs_of(module) if i not in available and i not in extra]
-            if missing:
-                raise TypeError(
-                    f"regularizer {name!r} ({type(module).__name__}) needs "
-                    f"{', '.join(f'{m}=' for m in missing)} passed to the loss's forward()."
-                )
-            if not self.regularizer_weights[name]:
-                terms[name] = zero
-                continue
-            kwargs = {i: extra[i] if i in extra else available[i] for i in _inputs_of(module)}
-            terms[name] = module(**kwargs)
-        return terms
+    def _parts(self) -> list[tuple[str, nn.Module, tuple[str, ...], float, float]]:
+        """`(name, module, inputs, weight, sign)` of every term fed through declared inputs."""
+        slots: list[tuple[str, nn.Module, float, float]] = [
+            ("diversity", self.diversity, self.diversity_weight, 1.0)
+        ]
+        if self.assigner.mode != "hard":
+            slots.append(("entropy", self.entropy, self.entropy_weight, -1.0))
+        slots += [
+            (name, module, self.regularizer_weights[name], 1.0)
+            for name, module in self.regularizers.items()
+        ]
+        return [
+            (name, module, _inputs_of(name, module), weight, sign)
+            for name, module, weight, sign in slots
+        ]
 
     def forward(
         self,
@@ -299,7 +373,7 @@ class MixtureOfPromptsLoss(nn.Module):
         subprompt_features: Tensor,
         labels: Tensor,
         *,
-        logit_scale: float | Tensor = 100.0,
+        logit_scale: float | Tensor = PF.DEFAULT_LOGIT_SCALE,
         tau: float | None = None,
         **regularizer_inputs: Tensor,
     ) -> dict[str, Tensor]:
@@ -307,16 +381,32 @@ class MixtureOfPromptsLoss(nn.Module):
 
         Args:
             image_features: `(batch, dim)`.
-            subprompt_features: `(num_classes, K, dim)`.
+            subprompt_features: `(num_classes, K, dim)` (or `(num_classes, dim)`).
             labels: `(batch,)` integer classes.
             logit_scale: the classifier's scale, e.g. CLIP's `logit_scale.exp()`.
             tau: the E-step temperature; `None` takes the schedule's (or the fixed) one.
-            **regularizer_inputs: what the extra regularizers need beyond the loss's own
-                inputs, e.g. `anchor_features=` for `PromptAnchor`.
+            **regularizer_inputs: what the parts need beyond the loss's own inputs, e.g.
+                `anchor_features=` for `PromptAnchor`.
         """
         tau = self.current_tau() if tau is None else check_positive("tau", tau)
+        parts = self._parts()
+        wanted = {name for _, _, inputs, _, _ in parts for name in inputs}
+        unused = sorted(set(regularizer_inputs) - wanted)
+        if unused:
+            raise TypeError(
+                f"forward() got keyword argument(s) {', '.join(unused)} that no part takes; "
+                f"the parts take: {', '.join(sorted(wanted)) or 'nothing'}."
+            )
+        for name, module, inputs, _, _ in parts:
+            missing = [i for i in inputs if i not in BUILTIN_INPUTS and i not in regularizer_inputs]
+            if missing:
+                raise TypeError(
+                    f"{name} ({type(module).__name__}) needs "
+                    f"{', '.join(f'{m}=' for m in missing)} passed to the loss's forward()."
+                )
+
         similarities = PF.subprompt_similarities(image_features, subprompt_features)
-        num_classes = subprompt_features.shape[0]
+        num_classes = similarities.shape[1]
         # `long` whatever integer dtype came in; the range is checked on the host only where
         # that is free (CPU), elsewhere a bad label makes the loss NaN (no device-to-host sync).
         labels = check_labels("labels", labels, image_features.shape[0], num_classes)
@@ -332,55 +422,62 @@ class MixtureOfPromptsLoss(nn.Module):
         logits = self._class_logits(similarities, logit_scale, tau)
         ce = F.cross_entropy(logits, labels) if batch else zero
 
-        targets = self.assigner.from_similarities(own.detach(), labels, tau=tau)
-        mixture = zero
-        if self.mixture_weight and batch:
-            mixture = (targets * (1 - own)).sum(dim=-1).mean()
+        # The E-step, once: soft responsibilities with their gradient for the parts, and the
+        # assigner's targets from the same scores.
+        soft, assigned = self.assigner._estep(own, labels, tau=tau)
+        targets = assigned.detach()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.mixture_weight)):
+            mixture = (targets * (1 - own)).sum(dim=-1).mean() if batch else zero
 
-        diversity = zero
-        if self.diversity_weight and batch:
-            # Under DDP every process penalises the classes of the *global* batch, so a run on N
-            # processes matches one process with the same total batch.
-            batch_labels = distributed.gather_no_grad(labels) if self.sync_distributed else labels
-            # A mask of the classes present, not `subprompt_features[unique(labels)]`: fixed
-            # shapes, so no device-to-host sync.
-            present = torch.zeros(num_classes, dtype=torch.bool, device=labels.device)
-            present = present.index_fill(0, batch_labels, True)
-            diversity = self.diversity(subprompt_features, present)
-
-        entropy = zero
-        if self.entropy_weight and self.assigner.mode != "hard":
-            soft = PF.responsibilities_from_similarities(own, tau=tau, scale=self.assigner.scale)
-            entropy = self.entropy(soft, labels)
-
-        available = {
+        # Under DDP every process sees the classes of the *global* batch, so a run on N
+        # processes matches one process with the same total batch. A mask, not
+        # `subprompt_features[unique(labels)]`: fixed shapes, so no device-to-host sync.
+        batch_labels = distributed.gather_no_grad(labels) if self.sync_distributed else labels
+        class_mask = torch.zeros(num_classes, dtype=torch.bool, device=labels.device)
+        class_mask = class_mask.index_fill(0, batch_labels, True)
+        usage_prior = None if self.usage_estimate is None else self.usage_estimate._prior(soft)
+        available: dict[str, Tensor | None] = {
             "image_features": image_features,
             "subprompt_features": subprompt_features,
             "labels": labels,
             "logits": logits,
+            "responsibilities": soft,
+            "usage_prior": usage_prior,
+            "class_mask": class_mask,
         }
-        extra_terms = self._regularizer_terms(zero, available, regularizer_inputs)
 
-        loss = (
-            ce
-            + self.mixture_weight * mixture
-            + self.diversity_weight * diversity
-            - self.entropy_weight * entropy
-        )
-        for name, term in extra_terms.items():
-            loss = loss + self.regularizer_weights[name] * term
+        terms: dict[str, Tensor] = {"entropy": zero}
+        loss = ce + self.mixture_weight * mixture
+        for name, module, inputs, weight, sign in parts:
+            kwargs = {
+                i: regularizer_inputs[i] if i in regularizer_inputs else available[i]
+                for i in inputs
+            }
+            # A weight of 0: computed and reported, without a graph.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and bool(weight)):
+                term = _scalar_term(name, module, module(**kwargs))
+            terms[name] = term
+            loss = loss + (sign * weight) * term
+
+        if self.usage_estimate is not None and self.training and batch:
+            rows, row_labels = soft.detach(), labels
+            if self.sync_distributed:
+                rows = distributed.gather_no_grad(rows)
+                row_labels = distributed.gather_no_grad(labels)
+            self.usage_estimate.update(rows, row_labels)
+
         if invalid is not None:
             loss = nan_where(invalid.any(), loss)
+        builtin = {"diversity": terms.pop("diversity"), "entropy": terms.pop("entropy")}
         return {
             "loss": loss,
             "ce": ce,
             "mixture": mixture,
-            "diversity": diversity,
-            "entropy": entropy,
+            **builtin,
             "tau": torch.tensor(tau),
             "logits": logits.detach(),
-            "responsibilities": targets.detach(),
-            **extra_terms,
+            "responsibilities": targets,
+            **terms,
         }
 
     def extra_repr(self) -> str:

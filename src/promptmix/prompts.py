@@ -48,7 +48,31 @@ def _check_classnames(classnames: object) -> tuple[str, ...]:
     bad = [name for name in classnames if not isinstance(name, str)]
     if bad:
         raise TypeError(f"classnames must all be str but include {bad[0]!r}.")
+    blank = [index for index, name in enumerate(classnames) if not name.strip()]
+    if blank:
+        raise ValueError(
+            f"classnames must not be empty or blank but classnames[{blank[0]}] is "
+            f"{classnames[blank[0]]!r}."
+        )
+    seen: dict[str, int] = {}
+    for index, name in enumerate(classnames):
+        if name in seen:
+            raise ValueError(
+                f"classnames must be distinct but classnames[{seen[name]}] and "
+                f"classnames[{index}] are both {name!r}: two classes with one prompt cannot be "
+                "told apart."
+            )
+        seen[name] = index
     return tuple(classnames)
+
+
+def _check_tokenizer(tokenizer: object) -> Tokenizer:
+    if not callable(tokenizer):
+        raise TypeError(
+            "tokenizer must be the model's open_clip tokenizer (a callable list[str] -> token "
+            f"ids), e.g. open_clip.get_tokenizer(name), but is {type(tokenizer).__name__}."
+        )
+    return cast(Tokenizer, tokenizer)
 
 
 def _resolve_templates(
@@ -97,10 +121,24 @@ def _tokenize(tokenizer: Tokenizer, texts: list[str]) -> Tensor:
 def _tokenize_prompts(
     tokenizer: Tokenizer, classnames: tuple[str, ...], templates: tuple[str, ...]
 ) -> Tensor:
-    """Token ids `(num_classes, K, context_length)` of `templates[k].format(classname)`."""
+    """Token ids `(num_classes, K, context_length)` of `templates[k].format(classname)`.
+
+    A prompt that fills the tokenizer's whole context may have been cut (tokenizers truncate
+    silently), and two names cut to the same tokens would get identical features: an error.
+    """
     texts = [template.format(name) for name in classnames for template in templates]
-    token_ids = _tokenize(tokenizer, texts)
-    return rearrange(token_ids, "(c k) l -> c k l", k=len(templates))
+    token_ids = _tokenize(tokenizer, [*texts, ""])
+    padding = token_ids[-1, -1]  # the empty text ends in padding, whatever the padding id is
+    full = (token_ids[:-1, -1] != padding).nonzero().flatten().tolist()
+    if full:
+        first = full[0]
+        raise ValueError(
+            f"classnames[{first // len(templates)}] is too long: the prompt "
+            f"{texts[first][:80]!r}{'...' if len(texts[first]) > 80 else ''} fills all "
+            f"{token_ids.shape[-1]} tokens of the tokenizer's context and may have been cut "
+            "(two names cut alike would get identical features); shorten it."
+        )
+    return rearrange(token_ids[:-1], "(c k) l -> c k l", k=len(templates))
 
 
 def _check_class_ids(class_ids: object, num_classes: int) -> Tensor | None:
@@ -192,9 +230,11 @@ class MixtureOfPrompts(nn.Module):
         generator: Random generator for the initial context.
 
     Raises:
-        TypeError: On a tower that takes token ids only (Hugging Face) or wrongly typed arguments.
-        ValueError: On empty classnames, `n_subprompts < 1`, or `n_ctx` that does not match
-            the token count of `ctx_init` / the templates.
+        TypeError: On a tower that takes token ids only (Hugging Face) or wrongly typed arguments
+            (a `tokenizer` that is not callable).
+        ValueError: On empty, blank or duplicate classnames, a class name whose prompt fills the
+            tokenizer's whole context (it may have been cut), `n_subprompts < 1`, or `n_ctx`
+            that does not match the token count of `ctx_init` / the templates.
 
     Examples:
         >>> import open_clip, torch
@@ -238,6 +278,7 @@ class MixtureOfPrompts(nn.Module):
     ) -> None:
         super().__init__()
         self.classnames = _check_classnames(classnames)
+        tokenizer = _check_tokenizer(tokenizer)
         self.n_subprompts = check_int("n_subprompts", n_subprompts, minimum=1)
         self.n_ctx = check_int("n_ctx", n_ctx, minimum=1)
         self.class_specific = bool(class_specific)
@@ -322,7 +363,9 @@ class MixtureOfPrompts(nn.Module):
         return self.gradient_checkpointing and torch.is_grad_enabled()
 
     def _cost(self, device: torch.device, dtype: torch.dtype) -> ChunkCost:
-        return ChunkCost.default(self._tower, device, dtype, checkpointing=self._checkpointing())
+        return ChunkCost.default(
+            self._tower, device=device, dtype=dtype, checkpointing=self._checkpointing()
+        )
 
     def _plan(self, device: torch.device, dtype: torch.dtype) -> tuple[Chunk, ...]:
         """The chunks of all prompts in sorted order for `device` and `dtype` (cached)."""
@@ -372,7 +415,7 @@ class MixtureOfPrompts(nn.Module):
                 f"the prompts are on {self.context.device} but the CLIP model is on "
                 f"{device}; the model is held by reference, move it too."
             )
-        dtype = compute_dtype(self._tower, device)
+        dtype = compute_dtype(self._tower, device=device)
         ids = _check_class_ids(class_ids, self.num_classes)
         inverse: Tensor | None
         if ids is None:
@@ -495,6 +538,7 @@ class OffsetMixtureOfPrompts(nn.Module):
     ) -> None:
         super().__init__()
         self.classnames = _check_classnames(classnames)
+        tokenizer = _check_tokenizer(tokenizer)
         self.n_subprompts = check_int("n_subprompts", n_subprompts, minimum=1)
         self.init_noise_std = check_positive("init_noise_std", init_noise_std, allow_zero=True)
         chunk_size = _check_chunk_size(chunk_size)

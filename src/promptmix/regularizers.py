@@ -7,17 +7,18 @@ constructor instead of to every call: it is kept as a non-persistent buffer (it 
 `.to(device)`, stays out of checkpoints, as CoOp's fixed token embeddings do) and its name leaves
 `inputs`.
 
-Weights and reductions of the original methods (the weight is the loss's, not the module's):
+Weights of the original methods (the weight is the loss's, not the module's; the pages of
+`docs/regularizers/` give them per dataset):
 
 | module | original | weight there |
 |---|---|---|
-| `PromptAnchor()` | KgCoOp `trainers/kgcoop.py` | 8 |
-| `PromptAnchor("l1")` | PromptSRC `trainers/promptsrc.py` (text) | 25 |
-| `ZeroShotConsistency(reduction="mean")` | PromptSRC `L_SCL_logits` | 1 |
+| `PromptAnchor()` | KgCoOp `trainers/kgcoop.py` | 8 (every dataset) |
+| `PromptAnchor(distance="l1")` | PromptSRC `trainers/promptsrc.py` (text) | 25 |
+| `ZeroShotConsistency(average_over_classes=True)` | PromptSRC `L_SCL_logits` | 1 |
 | `ZeroShotConsistency()` | ProGrad `trainers/prograd.py` (KD) | used for the projection |
-| `TextToTextLoss()` | LASP `prompting/lasp.py` | 5 (10 on some datasets) |
-| `InterClassDispersion()` | DAPT `trainers/dapt.py` (text) | 0.1 |
-| `ImagePrototypeLoss()` | DAPT `trainers/dapt.py` (image) | 0.1 (100 on Stanford Cars) |
+| `TextToTextLoss()` | LASP `prompting/lasp.py` | 5, or 10 on Caltech101, DTD, UCF101 |
+| `InterClassDispersion()` | DAPT `trainers/dapt.py` (text) | 0.01 on 7 of 11 datasets; 0.1, 10 |
+| `ImagePrototypeLoss()` | DAPT `trainers/dapt.py` (image) | 0.01 to 100 by dataset |
 """
 
 from __future__ import annotations
@@ -27,17 +28,32 @@ from torch import Tensor, nn
 
 from promptmix import functional as PF
 from promptmix._validation import (
+    as_subprompts,
     check_choice,
+    check_finite,
     check_floating,
+    check_int,
     check_positive,
+    check_rank,
     check_unit_interval,
 )
-from promptmix.functional.consistency import KL_REDUCTIONS, KLReduction
-from promptmix.functional.text_to_text import TEXT_REDUCTIONS
+from promptmix.functional._common import _unit
+from promptmix.functional.consistency import _check_temperature
+
+__all__ = [
+    "ImagePrototypeLoss",
+    "InterClassDispersion",
+    "PromptAnchor",
+    "TextToTextLoss",
+    "ZeroShotConsistency",
+]
 
 
 def _frozen(name: str, value: Tensor | None) -> Tensor | None:
-    return None if value is None else check_floating(name, value).detach().clone()
+    """A detached copy of a frozen reference, checked once: it must be finite."""
+    if value is None:
+        return None
+    return check_finite(name, check_floating(name, value)).detach().clone()
 
 
 def _given(name: str, value: Tensor | None, stored: Tensor | None) -> Tensor:
@@ -58,19 +74,20 @@ class PromptAnchor(nn.Module):
     \tfrac{1}{D} \lVert \hat t - \hat a \rVert_1
     $$
 
-    Identical features give 0, orthogonal ones 1 (cosine distance); the value is never negative.
-    KgCoOp (htyao89/KgCoOp `trainers/kgcoop.py`) uses `1 - mean(cos)` with weight 8 and one
-    template per dataset ("a photo of a {}." for Stanford Cars); its paper writes the squared L2
-    distance (`distance="l2"`, twice the cosine distance on unit vectors). PromptSRC
-    (muzairkhattak/PromptSRC `trainers/promptsrc.py`) uses the L1 distance (`distance="l1"`)
-    with weight 25 to the mean feature of a template ensemble. Give `anchor_features` as the
-    mean over templates for an ensemble.
+    Identical features give 0, orthogonal ones 1 (cosine distance); the value is `>= 0` up to
+    float rounding. KgCoOp (htyao89/KgCoOp `trainers/kgcoop.py`) uses `1 - mean(cos)` with
+    weight 8 on every dataset and one template per dataset ("a photo of a {}." for Stanford
+    Cars); its paper writes the squared L2 distance (`distance="l2"`, twice the cosine distance
+    on unit vectors). PromptSRC (muzairkhattak/PromptSRC `trainers/promptsrc.py`) uses the L1
+    distance (`distance="l1"`) with weight 25 to the mean feature of a template ensemble. Give
+    `anchor_features` as the mean over templates for an ensemble.
 
     Args:
         distance: `"cosine"`, `"l2"` or `"l1"`.
-        reduction: `"mean"` or `"sum"` over classes and sub-prompts, or `"none"`.
+        reduction: `"mean"` or `"sum"` over classes and sub-prompts, or `"none"` (not as a loss
+            term: `MixtureOfPromptsLoss` needs a scalar).
         anchor_features: the frozen anchors `(num_classes, dim)` or `(num_classes, K, dim)`,
-            stored once; `None` to pass them to every call.
+            stored once (they must be finite); `None` to pass them to every call.
 
     Shape:
         - subprompt_features: `(num_classes, K, dim)` or `(num_classes, dim)`.
@@ -94,9 +111,9 @@ class PromptAnchor(nn.Module):
 
     def __init__(
         self,
+        *,
         distance: PF.AnchorDistance = "cosine",
         reduction: PF.Reduction = "mean",
-        *,
         anchor_features: Tensor | None = None,
     ):
         super().__init__()
@@ -136,16 +153,17 @@ class ZeroShotConsistency(nn.Module):
     $$
 
     $\ell$ are the learned logits, $z$ the zero-shot logits of the hand-crafted prompts; the
-    KL is averaged over the batch (`reduction="batchmean"`) or divided by
-    `batch * num_classes` as in PromptSRC (`reduction="mean"`); see
-    `promptmix.functional.zero_shot_consistency`. Equal logits give 0; never negative.
+    KL is averaged over the batch (`reduction="mean"`), each sample's divided by `num_classes`
+    as in PromptSRC with `average_over_classes=True`; see
+    `promptmix.functional.zero_shot_consistency`. Equal logits give 0; `>= 0` up to float
+    rounding; NaN logits (or NaN stored features) give NaN.
 
     The optional L1 terms are PromptSRC's `L_SCL_text` (weight 25, text features to the
     template-ensemble mean) and `L_SCL_image` (weight 10, prompted image features to the frozen
-    encoder's); they are off by default (`text_weight = image_weight = 0`). PromptSRC in full:
-    `ZeroShotConsistency(reduction="mean", text_weight=25, image_weight=10)` with loss weight 1.
-    (muzairkhattak/PromptSRC `trainers/promptsrc.py`; ProGrad: BeierZhu/Prompt-align
-    `trainers/prograd.py`, `T = 1`.)
+    encoder's); they are off by default (`text_weight = image_weight = 0`). PromptSRC in full,
+    on every dataset: `ZeroShotConsistency(average_over_classes=True, text_weight=25,
+    image_weight=10)` with loss weight 1. (muzairkhattak/PromptSRC `trainers/promptsrc.py`;
+    ProGrad: BeierZhu/Prompt-align `trainers/prograd.py`, `T = 1`.)
 
     **Where the zero-shot logits come from.** Pass `zero_shot_logits=` to each call, or give
     `zero_shot_text_features` (`(num_classes, dim)`, the hand-crafted classifier) once: the
@@ -156,18 +174,21 @@ class ZeroShotConsistency(nn.Module):
 
     Args:
         temperature: the distillation temperature $T > 0$ (not the E-step's `tau`).
-        reduction: `"batchmean"`, `"mean"`, `"sum"` or `"none"`.
+        reduction: `"mean"` or `"sum"` over the samples, or `"none"` (not as a loss term).
+        average_over_classes: divide each sample's KL by `num_classes` (PromptSRC).
         text_weight: $w_t \ge 0$ of the text L1 term.
         image_weight: $w_i \ge 0$ of the image L1 term.
         zero_shot_text_features: the frozen hand-crafted classifier `(num_classes, dim)`,
-            stored once; `None` to pass `zero_shot_logits=` (and `anchor_features=`) instead.
+            stored once (it must be finite); `None` to pass `zero_shot_logits=` (and
+            `anchor_features=`) instead.
         logit_scale: $s$ for logits computed from `zero_shot_text_features`.
 
     Shape:
         - logits, zero_shot_logits: `(batch, num_classes)`.
+        - image_features: `(batch, dim)` (zero-shot logits from stored features; image term).
         - subprompt_features: `(num_classes, K, dim)` or `(num_classes, dim)` (text term).
         - anchor_features: `(num_classes, dim)` (text term without stored features).
-        - image_features, zero_shot_image_features: `(batch, dim)`.
+        - zero_shot_image_features: `(batch, dim)` (image term).
         - output: scalar, or `(batch,)` with `reduction="none"` and no L1 terms.
 
     Examples:
@@ -185,19 +206,21 @@ class ZeroShotConsistency(nn.Module):
 
     def __init__(
         self,
-        temperature: float = 1.0,
-        reduction: KLReduction = "batchmean",
         *,
+        temperature: float = 1.0,
+        reduction: PF.Reduction = "mean",
+        average_over_classes: bool = False,
         text_weight: float = 0.0,
         image_weight: float = 0.0,
         zero_shot_text_features: Tensor | None = None,
-        logit_scale: float = 100.0,
+        logit_scale: float = PF.DEFAULT_LOGIT_SCALE,
     ):
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
-        self.reduction: KLReduction = check_choice(  # type: ignore[assignment]
-            "reduction", reduction, KL_REDUCTIONS
+        self.temperature = _check_temperature(temperature)
+        self.reduction: PF.Reduction = check_choice(  # type: ignore[assignment]
+            "reduction", reduction, PF.REDUCTIONS
         )
+        self.average_over_classes = bool(average_over_classes)
         self.text_weight = check_positive("text_weight", text_weight, allow_zero=True)
         self.image_weight = check_positive("image_weight", image_weight, allow_zero=True)
         if reduction == "none" and (self.text_weight or self.image_weight):
@@ -225,7 +248,6 @@ class ZeroShotConsistency(nn.Module):
         self,
         logits: Tensor,
         zero_shot_logits: Tensor | None = None,
-        *,
         image_features: Tensor | None = None,
         subprompt_features: Tensor | None = None,
         anchor_features: Tensor | None = None,
@@ -247,7 +269,11 @@ class ZeroShotConsistency(nn.Module):
         elif zero_shot_logits is None:
             raise TypeError("forward() needs zero_shot_logits= (or zero_shot_text_features).")
         loss = PF.zero_shot_consistency(
-            logits, zero_shot_logits, temperature=self.temperature, reduction=self.reduction
+            logits,
+            zero_shot_logits,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            average_over_classes=self.average_over_classes,
         )
         if self.text_weight:
             if subprompt_features is None:
@@ -271,6 +297,7 @@ class ZeroShotConsistency(nn.Module):
         stored = self.zero_shot_text_features is not None
         return (
             f"temperature={self.temperature}, reduction={self.reduction!r}, "
+            f"average_over_classes={self.average_over_classes}, "
             f"text_weight={self.text_weight}, image_weight={self.image_weight}"
             + (", zero_shot_text_features stored" if stored else "")
         )
@@ -288,26 +315,43 @@ class TextToTextLoss(nn.Module):
     `noise_probability` per call, Gaussian noise of standard deviation `noise_std` is added to
     the unit template features $\tilde a$ (LASP: 0.05 with probability 0.5; here off by default,
     `noise_std = 0`; the noisy features are renormalised here, LASP's are not). LASP
-    (1adrianb/lasp `prompting/lasp.py`) weighs the term 5 (10 on some datasets) and uses
-    `logit_scale = exp(CLIP's logit_scale) = 100` and 35 templates.
+    (1adrianb/lasp `prompting/lasp.py`) weighs the term 5, or 10 on Caltech101, DTD and UCF101,
+    and uses `logit_scale = exp(CLIP's logit_scale) = 100` and 35 templates.
+
+    **Extra classes** (LASP's "virtual classes"). LASP computes this loss over all the class
+    names it knows, new classes included, though it sees no image of them. Build the module with
+    `extra_classes=E` and template features of `num_classes + E` classes (the training classes
+    first), and pass the learned features of the E extra names as `extra_subprompt_features=`
+    (e.g. a `MixtureOfPrompts` with `class_specific=False` built on those names): they join the
+    classifier here and nowhere else.
 
     Args:
         logit_scale: $s > 0$.
         aggregation: how each class's K similarities pool (see `class_logits`).
-        reduction: `"mean"`, `"sum"` or `"none"`.
+        reduction: `"mean"`, `"sum"` or `"none"` (not as a loss term).
         noise_std: standard deviation of the target noise, `>= 0`.
         noise_probability: probability in `[0, 1]` that a training call adds noise.
-        template_features: the frozen `(num_classes, dim)` or `(M, num_classes, dim)` template
-            features, stored once; `None` to pass `template_features=` to every call.
+        extra_classes: number `E >= 0` of class names without images.
+        template_features: the frozen `(C, dim)` or `(M, C, dim)` template features of the
+            `C = num_classes + extra_classes` names, stored once (they must be finite); `None`
+            to pass `template_features=` to every call.
 
     Shape:
         - subprompt_features: `(num_classes, K, dim)` or `(num_classes, dim)`.
-        - template_features: `(num_classes, dim)` or `(M, num_classes, dim)`.
-        - output: scalar, or `(M, num_classes)` with `reduction="none"`.
+        - template_features: `(C, dim)` or `(M, C, dim)`.
+        - extra_subprompt_features: `(E, K, dim)` or `(E, dim)`, with `extra_classes=E`.
+        - output: scalar, or `(M, C)` with `reduction="none"`.
 
     Examples:
         >>> import torch
         >>> TextToTextLoss(logit_scale=10.0)(torch.eye(3), torch.eye(3)) < 0.01
+        tensor(True)
+        >>> virtual = TextToTextLoss(
+        ...     logit_scale=10.0, extra_classes=1, template_features=torch.eye(3)
+        ... )
+        >>> virtual.inputs
+        ('subprompt_features', 'extra_subprompt_features')
+        >>> virtual(torch.eye(3)[:2], extra_subprompt_features=torch.eye(3)[2:]) < 0.01
         tensor(True)
     """
 
@@ -315,12 +359,13 @@ class TextToTextLoss(nn.Module):
 
     def __init__(
         self,
-        logit_scale: float = 100.0,
-        aggregation: PF.Aggregation = "logsumexp",
-        reduction: str = "mean",
         *,
+        logit_scale: float = PF.DEFAULT_LOGIT_SCALE,
+        aggregation: PF.Aggregation = "logsumexp",
+        reduction: PF.Reduction = "mean",
         noise_std: float = 0.0,
         noise_probability: float = 0.5,
+        extra_classes: int = 0,
         template_features: Tensor | None = None,
     ):
         super().__init__()
@@ -328,31 +373,65 @@ class TextToTextLoss(nn.Module):
         self.aggregation: PF.Aggregation = check_choice(  # type: ignore[assignment]
             "aggregation", aggregation, PF.AGGREGATIONS
         )
-        self.reduction = check_choice("reduction", reduction, TEXT_REDUCTIONS)
+        self.reduction: PF.Reduction = check_choice(  # type: ignore[assignment]
+            "reduction", reduction, PF.REDUCTIONS
+        )
         self.noise_std = check_positive("noise_std", noise_std, allow_zero=True)
         self.noise_probability = check_unit_interval(
             "noise_probability", noise_probability, closed_right=True
         )
-        self.register_buffer(
-            "template_features",
-            _frozen("template_features", template_features),
-            persistent=False,
-        )
-        self.inputs: tuple[str, ...] = ("subprompt_features",) + (
-            ("template_features",) if template_features is None else ()
+        self.extra_classes = check_int("extra_classes", extra_classes, minimum=0)
+        stored = _frozen("template_features", template_features)
+        if stored is not None:
+            check_rank("template_features", stored, (2, 3), "(C, dim) or (M, C, dim)")
+            if stored.shape[-2] <= self.extra_classes:
+                raise ValueError(
+                    f"template_features must hold more than extra_classes={self.extra_classes} "
+                    f"classes (the training classes, then the extra ones) but has shape "
+                    f"{tuple(stored.shape)}."
+                )
+        self.register_buffer("template_features", stored, persistent=False)
+        self.inputs: tuple[str, ...] = (
+            ("subprompt_features",)
+            + (("template_features",) if template_features is None else ())
+            + (("extra_subprompt_features",) if self.extra_classes else ())
         )
 
     def forward(
-        self, subprompt_features: Tensor, template_features: Tensor | None = None
+        self,
+        subprompt_features: Tensor,
+        template_features: Tensor | None = None,
+        extra_subprompt_features: Tensor | None = None,
     ) -> Tensor:
         """Text-to-text cross-entropy of the (possibly noised) templates."""
         templates = _given("template_features", template_features, self.template_features)
-        if self.training and self.noise_std and bool(torch.rand(()) < self.noise_probability):
-            units = templates / templates.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            templates = units + self.noise_std * torch.randn_like(units)
+        if self.extra_classes:
+            if extra_subprompt_features is None:
+                raise TypeError(
+                    f"forward() needs extra_subprompt_features= for the extra_classes="
+                    f"{self.extra_classes} class names without images."
+                )
+            extra = as_subprompts("extra_subprompt_features", extra_subprompt_features)
+            if extra.shape[0] != self.extra_classes:
+                raise ValueError(
+                    f"extra_subprompt_features must hold extra_classes={self.extra_classes} "
+                    f"classes but has shape {tuple(extra_subprompt_features.shape)}."
+                )
+        elif extra_subprompt_features is not None:
+            raise TypeError(
+                "extra_subprompt_features were given but this TextToTextLoss was built with "
+                "extra_classes=0; build it with extra_classes=E."
+            )
+        if self.training and self.noise_std and self.noise_probability:
+            # Drawn on the device and applied with `where`: no host read in a training step.
+            units = _unit(check_floating("template_features", templates))
+            noisy = units + self.noise_std * torch.randn_like(units)
+            draw = torch.rand((), device=units.device) < self.noise_probability
+            templates = torch.where(draw, noisy, templates)
         return PF.text_to_text_loss(
             subprompt_features,
             templates,
+            extra_subprompt_features,
             logit_scale=self.logit_scale,
             aggregation=self.aggregation,
             reduction=self.reduction,
@@ -362,7 +441,7 @@ class TextToTextLoss(nn.Module):
         return (
             f"logit_scale={self.logit_scale}, aggregation={self.aggregation!r}, "
             f"reduction={self.reduction!r}, noise_std={self.noise_std}, "
-            f"noise_probability={self.noise_probability}"
+            f"noise_probability={self.noise_probability}, extra_classes={self.extra_classes}"
         )
 
 
@@ -376,8 +455,10 @@ class InterClassDispersion(nn.Module):
 
     A Gaussian potential over squared distances on the unit sphere: close classes cost up to 1,
     anti-parallel ones $e^{-4t}$. Acts *between* classes, whereas `DiversityLoss` acts within
-    one. DAPT (mlvlab/DAPT `trainers/dapt.py`): `t = TXT_RBF_T = 2`, weight `TXT_BETA = 0.1`.
-    See `promptmix.functional.dispersion_loss`.
+    one. DAPT (mlvlab/DAPT `trainers/dapt.py`): `t = TXT_RBF_T = 2` on every dataset; its
+    weight `TXT_BETA` is set per dataset: 0.01 on Caltech101, DTD, FGVC Aircraft, Food101,
+    ImageNet, Flowers102 and SUN397, 0.1 on Oxford Pets, Stanford Cars and UCF101, 10 on EuroSAT
+    (0.1 is only the fallback of its `train.py`). See `promptmix.functional.dispersion_loss`.
 
     Args:
         bandwidth: $t > 0$.
@@ -392,9 +473,10 @@ class InterClassDispersion(nn.Module):
         tensor(1.)
     """
 
-    inputs = ("subprompt_features",)
+    #: What `MixtureOfPromptsLoss` passes to `forward`, by name.
+    inputs: tuple[str, ...] = ("subprompt_features",)
 
-    def __init__(self, bandwidth: float = 2.0):
+    def __init__(self, *, bandwidth: float = 2.0):
         super().__init__()
         self.bandwidth = check_positive("bandwidth", bandwidth)
 
@@ -414,11 +496,13 @@ class ImagePrototypeLoss(nn.Module):
     Prototypes are the class means of the frozen encoder's normalised few-shot features
     (`promptmix.functional.class_prototypes`). Useful only where the image features are learned
     (visual prompts); with a frozen image tower it is a constant. DAPT (mlvlab/DAPT
-    `trainers/dapt.py`): weight `VIS_BETA` 0.1 by default, 100 on Stanford Cars.
+    `trainers/dapt.py`) sets its weight `VIS_BETA` per dataset: 100 on DTD, EuroSAT, FGVC
+    Aircraft, Stanford Cars and SUN397, 10 on Caltech101, Food101, Flowers102 and Oxford Pets,
+    0.1 on UCF101, 0.01 on ImageNet (0.1 is only the fallback of its `train.py`).
 
     Args:
-        prototypes: `(num_classes, dim)` prototypes, stored once; `None` to pass
-            `prototypes=` to every call.
+        prototypes: `(num_classes, dim)` prototypes, stored once (they must be finite); `None`
+            to pass `prototypes=` to every call.
 
     Shape:
         - image_features: `(batch, dim)`.
@@ -447,5 +531,5 @@ class ImagePrototypeLoss(nn.Module):
     ) -> Tensor:
         """Mean squared error of the normalised images to their class prototypes."""
         return PF.image_prototype_loss(
-            image_features, _given("prototypes", prototypes, self.prototypes), labels
+            image_features, labels, _given("prototypes", prototypes, self.prototypes)
         )

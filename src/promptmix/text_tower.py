@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["ChunkCost", "TextTower", "encode_in_chunks", "plan_chunks"]
+__all__ = ["ChunkCost", "TextTower", "compute_dtype", "encode_in_chunks", "plan_chunks"]
 
 _REQUIRED_PARTS = ("token_embedding", "positional_embedding", "transformer", "ln_final")
 _END_OF_TEXT_POOLING = ("argmax", "eos")
@@ -64,7 +64,7 @@ _ACTIVATION_BYTES = {"full": 72, "half": 40}
 _CHECKPOINT_BUDGET_BYTES = 1 << 30
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ChunkCost:
     """The price of a chunk in the units `plan_chunks` minimises: tokens.
 
@@ -78,7 +78,7 @@ class ChunkCost:
 
     @staticmethod
     def default(
-        tower: TextTower, device: torch.device, dtype: torch.dtype, *, checkpointing: bool
+        tower: TextTower, *, device: torch.device, dtype: torch.dtype, checkpointing: bool
     ) -> ChunkCost:
         """The measured cost model for `tower` on `device` computing in `dtype`.
 
@@ -95,9 +95,9 @@ class ChunkCost:
             >>> import open_clip, torch
             >>> model = open_clip.create_model("ViT-B-32", pretrained=None)
             >>> tower = TextTower(model)
-            >>> cpu = ChunkCost.default(tower, torch.device("cpu"), torch.float32,
+            >>> cpu = ChunkCost.default(tower, device=torch.device("cpu"), dtype=torch.float32,
             ...                         checkpointing=False)
-            >>> gpu = ChunkCost.default(tower, torch.device("cuda"), torch.bfloat16,
+            >>> gpu = ChunkCost.default(tower, device=torch.device("cuda"), dtype=torch.bfloat16,
             ...                         checkpointing=False)
             >>> round(cpu.chunk_tokens), cpu.max_tokens, round(gpu.chunk_tokens)
             (139, 4096, 9811)
@@ -110,7 +110,7 @@ class ChunkCost:
         if checkpointing:
             token_bytes = _ACTIVATION_BYTES[precision] * tower.width * tower.layers
             max_tokens = min(max_tokens, max(_CHECKPOINT_BUDGET_BYTES // token_bytes, 1))
-        return ChunkCost(_LAUNCH_SECONDS[kind] / token_seconds, max_tokens)
+        return ChunkCost(chunk_tokens=_LAUNCH_SECONDS[kind] / token_seconds, max_tokens=max_tokens)
 
 
 def plan_chunks(
@@ -223,7 +223,7 @@ def encode_in_chunks(
     return features[0] if len(features) == 1 else torch.cat(features)
 
 
-def compute_dtype(tower: TextTower, device: torch.device) -> torch.dtype:
+def compute_dtype(tower: TextTower, *, device: torch.device) -> torch.dtype:
     """The dtype the tower's matrix products run in on `device`: autocast's, else the weights'."""
     if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
         if torch.is_autocast_enabled(device.type):
@@ -428,7 +428,10 @@ class TextTower:
         sorted_ids, sorted_positions = token_ids[order], positions[order]
         lengths = (sorted_positions + 1).tolist()
         cost = ChunkCost.default(
-            self, self.device, compute_dtype(self, self.device), checkpointing=False
+            self,
+            device=self.device,
+            dtype=compute_dtype(self, device=self.device),
+            checkpointing=False,
         )
         chunks = plan_chunks(lengths, chunk_size=chunk_size, cost=cost)
 

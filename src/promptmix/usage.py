@@ -1,184 +1,253 @@
-"""`UsageFloor` and `SubpromptReviver`: keep every sub-prompt in use without forcing equal usage."""
+"""Sub-prompt usage: one running estimate, a floor under it, and reviving dead sub-prompts.
+
+`UsageEstimate` is the one running usage estimate of the package. `MixtureOfPromptsLoss` owns it
+(`usage_estimate=`), updates it once per training step from the step's soft responsibilities and
+hands it, as `usage_prior`, to every part that declares that input (`AssignmentEntropy`,
+`UsageFloor`); `SubpromptReviver` reads and resets the same estimate.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from promptmix import functional as PF
-from promptmix._validation import check_int, check_positive, check_unit_interval
+from promptmix._validation import (
+    check_int,
+    check_positive,
+    check_tensor,
+    check_unit_interval,
+)
+from promptmix.functional.usage import DEFAULT_PRIOR_COUNT
 
-__all__ = ["SubpromptReviver", "UsageFloor"]
+__all__ = ["SubpromptReviver", "UsageEstimate", "UsageFloor"]
+
+
+class UsageEstimate(nn.Module):
+    r"""A running estimate of how much each class uses each sub-prompt, without host syncs.
+
+    $u_c \leftarrow m\, u_c + (1 - m)\, \bar\gamma_c$ for every class $c$ in the batch, with
+    $\bar\gamma_c$ the class's mean responsibilities (`promptmix.functional.running_usage`). It
+    starts uniform and is a buffer, saved with the model. The update is one `index_add` over
+    the `num_classes` rows: no `torch.unique`, no device-to-host synchronisation. The buffer
+    follows the device of the responsibilities (and widens to their dtype) on first use, so a
+    loss built on the CPU works on CUDA input without `.to(device)`.
+
+    Give it to the loss, `MixtureOfPromptsLoss(usage_estimate=UsageEstimate(...))`, which
+    updates it in training mode and hands `usage` to the parts that take `usage_prior`; or call
+    `update` yourself.
+
+    Args:
+        num_classes: number of classes `>= 1`.
+        n_subprompts: `K >= 1`.
+        momentum: $m$ in `[0, 1)`.
+
+    Examples:
+        >>> import torch
+        >>> estimate = UsageEstimate(num_classes=2, n_subprompts=2, momentum=0.5)
+        >>> estimate.update(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
+        >>> estimate.usage
+        tensor([[0.7500, 0.2500],
+                [0.5000, 0.5000]])
+    """
+
+    usage: Tensor
+
+    def __init__(self, *, num_classes: int, n_subprompts: int, momentum: float = 0.9):
+        super().__init__()
+        self.num_classes = check_int("num_classes", num_classes, minimum=1)
+        self.n_subprompts = check_int("n_subprompts", n_subprompts, minimum=1)
+        self.momentum = check_unit_interval("momentum", momentum)
+        self.register_buffer("usage", torch.full((num_classes, n_subprompts), 1.0 / n_subprompts))
+
+    def _check(self, responsibilities: Tensor) -> None:
+        check_tensor("responsibilities", responsibilities)
+        k = responsibilities.shape[-1] if responsibilities.dim() == 2 else None
+        if k != self.n_subprompts:
+            raise ValueError(
+                f"responsibilities must have shape (batch, {self.n_subprompts}) for this "
+                f"UsageEstimate(n_subprompts={self.n_subprompts}) but has shape "
+                f"{tuple(responsibilities.shape)}; build the estimate with the learner's K."
+            )
+
+    def _follow(self, reference: Tensor) -> None:
+        """Move the buffer to `reference`'s device, widened to its dtype if that is wider."""
+        dtype = torch.promote_types(self.usage.dtype, reference.dtype)
+        if self.usage.device != reference.device or self.usage.dtype != dtype:
+            self.usage = self.usage.to(device=reference.device, dtype=dtype)
+
+    def _prior(self, responsibilities: Tensor) -> Tensor:
+        """The estimate as a usage prior for `responsibilities` `(batch, K)`: checked against
+        their K, on their device (the buffer itself, a constant)."""
+        self._check(responsibilities)
+        self._follow(responsibilities)
+        return self.usage
+
+    @torch.no_grad()
+    def update(self, responsibilities: Tensor, labels: Tensor) -> None:
+        """Fold one batch's responsibilities `(batch, K)` of classes `labels` into the estimate.
+
+        Raises:
+            ValueError: If the responsibilities have another K than `n_subprompts`, or a label
+                lies outside `[0, num_classes)` (on the CPU; elsewhere its row becomes NaN).
+        """
+        self._check(responsibilities)
+        self._follow(responsibilities)
+        if len(responsibilities):
+            # A new tensor, not an in-place update: what the parts of this step were handed
+            # (and anything that keeps it) still holds the estimate they used.
+            self.usage = PF.running_usage(
+                self.usage, responsibilities, labels, momentum=self.momentum
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, n_subprompts={self.n_subprompts}, "
+            f"momentum={self.momentum}"
+        )
 
 
 class UsageFloor(nn.Module):
     r"""Penalty on sub-prompts a class uses less than `floor / K`, as an extra regularizer.
 
     The module twin of `promptmix.functional.usage_floor`, for `MixtureOfPromptsLoss`'s
-    `regularizers={"usage": (UsageFloor(), weight)}`: it takes the loss's `image_features`,
-    `subprompt_features` and `labels`, computes soft responsibilities
-    $\operatorname{softmax}_k(s \cos / \tau)$ at its own fixed `tau` and `scale` (so the penalty
-    has a gradient even when the loss's E-step is hard), and penalises each class's mean usage
-    below the floor. Give `num_classes` and `n_subprompts` to blend in a running usage estimate
-    (a buffer, as in `AssignmentEntropy`), which makes the floor meaningful with few images of a
-    class per batch.
+    `regularizers={"usage": (UsageFloor(), weight)}`: it takes the loss's soft responsibilities
+    (the E-step the loss runs once per step, with their gradient even when the loss's targets
+    are hard), the labels and, when the loss has a `usage_estimate`, the running usage as
+    `usage_prior`, which makes the floor meaningful with few images of a class per batch.
 
     Args:
         floor: the floor as a share of the uniform usage `1/K`, in `[0, 1]`.
-        tau: temperature of the responsibilities, `> 0`.
-        scale: similarity scale `s > 0`.
-        num_classes: number of classes, to keep a running usage estimate.
-        n_subprompts: `K`, with `num_classes`.
-        momentum: EMA momentum of the usage estimate, in `[0, 1)`.
-        prior_count: weight of the usage estimate, in images.
+        prior_count: weight of the usage prior, in images.
 
     Shape:
-        - image_features: `(batch, dim)`.
-        - subprompt_features: `(num_classes, K, dim)`.
-        - labels: `(batch,)`.
+        - responsibilities: `(batch, K)` rows on the simplex.
+        - labels: `(batch,)`, or `None` (one class).
+        - usage_prior: `(num_classes, K)` simplex rows, or `None`.
         - output: scalar in `[0, (K-1)/K]`.
 
     Examples:
         >>> import torch
         >>> from promptmix import MixtureOfPromptsLoss
         >>> floor = UsageFloor(floor=0.5)
+        >>> floor(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))  # sub-prompt 1 dead: 1/K
+        tensor(0.5000)
         >>> prompts = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # one class, K = 2
         >>> images = torch.tensor([[1.0, 0.0], [1.0, 0.1]])  # both images on sub-prompt 0
-        >>> floor(images, prompts, torch.zeros(2, dtype=torch.long))
-        tensor(0.5000)
         >>> loss_fn = MixtureOfPromptsLoss(regularizers={"usage": (UsageFloor(), 1.0)})
         >>> sorted(loss_fn(images, prompts, torch.zeros(2, dtype=torch.long)))[-1]
         'usage'
     """
 
-    inputs = ("image_features", "subprompt_features", "labels")
-    usage: Tensor | None
+    #: What `MixtureOfPromptsLoss` passes to `forward`, by name.
+    inputs: tuple[str, ...] = ("responsibilities", "labels", "usage_prior")
 
-    def __init__(
-        self,
-        floor: float = 0.25,
-        *,
-        tau: float = 1.0,
-        scale: float = 100.0,
-        num_classes: int | None = None,
-        n_subprompts: int | None = None,
-        momentum: float = 0.9,
-        prior_count: float = 4.0,
-    ):
+    def __init__(self, *, floor: float = 0.25, prior_count: float = DEFAULT_PRIOR_COUNT):
         super().__init__()
         self.floor = check_unit_interval("floor", floor, closed_right=True)
-        self.tau = check_positive("tau", tau)
-        self.scale = check_positive("scale", scale)
-        self.momentum = check_unit_interval("momentum", momentum)
         self.prior_count = check_positive("prior_count", prior_count, allow_zero=True)
-        if (num_classes is None) != (n_subprompts is None):
-            raise ValueError(
-                "num_classes and n_subprompts must be given together (to keep a running usage "
-                f"estimate) but got num_classes={num_classes}, n_subprompts={n_subprompts}."
-            )
-        usage = None
-        if num_classes is not None and n_subprompts is not None:
-            check_int("num_classes", num_classes, minimum=1)
-            check_int("n_subprompts", n_subprompts, minimum=1)
-            usage = torch.full((num_classes, n_subprompts), 1.0 / n_subprompts)
-        self.register_buffer("usage", usage)
 
-    def forward(self, image_features: Tensor, subprompt_features: Tensor, labels: Tensor) -> Tensor:
+    def forward(
+        self,
+        responsibilities: Tensor,
+        labels: Tensor | None = None,
+        usage_prior: Tensor | None = None,
+    ) -> Tensor:
         """The penalty; see the class docstring for shapes."""
-        soft = PF.responsibilities(
-            image_features, subprompt_features, labels, tau=self.tau, scale=self.scale
-        )
-        value = PF.usage_floor(
-            soft,
+        return PF.usage_floor(
+            responsibilities,
             labels,
+            usage_prior,
             floor=self.floor,
-            usage_prior=self.usage,
-            prior_count=self.prior_count if self.usage is not None else 0.0,
+            prior_count=self.prior_count,
         )
-        if self.usage is not None and self.training and len(soft):
-            with torch.no_grad():
-                classes, means, _ = PF.class_mean_responsibilities(soft.detach(), labels)
-                current = self.usage[classes]
-                self.usage[classes] = self.momentum * current + (1 - self.momentum) * means.to(
-                    current
-                )
-        return value
 
     def extra_repr(self) -> str:
-        return f"floor={self.floor}, tau={self.tau}, scale={self.scale}"
+        return f"floor={self.floor}, prior_count={self.prior_count}"
 
 
-class SubpromptReviver(nn.Module):
-    """Tracks each class's hard sub-prompt usage and revives dead sub-prompts by splitting.
+class SubpromptReviver:
+    """Revives the sub-prompts a `UsageEstimate` says are dead, by splitting busy ones.
 
-    The module twin of `promptmix.functional.revive_dead_subprompts`. Call `observe` every step
-    with the images, the sub-prompt features and the labels (it keeps an exponential moving
-    average of each class's argmax usage, a buffer saved with the model), and `revive_` every few
-    hundred steps with the learner's per-sub-prompt parameter: every sub-prompt used less than
-    `min_share / K` becomes a split of its class's busiest one. The optimiser's state for the
+    The stateful twin of `promptmix.functional.revive_dead_subprompts`. It reads the running
+    usage of `usage_estimate` (the loss's, updated every training step; or one you update
+    yourself) and, when `revive_` is called every few hundred steps with the learner's
+    per-sub-prompt parameter, turns every sub-prompt used less than `min_share / K` into a split
+    of its class's busiest one, in place, and gives the two halves of each split half of the
+    busiest's usage in the estimate (rows stay on the simplex). The optimiser's state for the
     parameter is left as it is (Adam's moments of a revived entry are those of the dead one).
 
+    `revive_` reads the estimate on the host (a periodic operation, not part of a training step)
+    and checks everything before it changes anything: a parameter of another shape, or an
+    estimate holding NaN (NaN features reached the loss), raise and leave both untouched.
+
     Args:
-        num_classes: number of classes.
-        n_subprompts: `K`.
+        usage_estimate: the running usage to read, e.g. `loss_fn.usage_estimate`.
         min_share: usage below `min_share / K` is dead, in `[0, 1]`.
-        momentum: EMA momentum of the usage, in `[0, 1)`.
-        noise_std: relative size of the split.
+        split_std: relative size of the split, `>= 0`.
 
     Examples:
         >>> import torch
-        >>> reviver = SubpromptReviver(1, 2, momentum=0.0)
+        >>> estimate = UsageEstimate(num_classes=1, n_subprompts=2, momentum=0.0)
+        >>> estimate.update(torch.tensor([[1.0, 0.0], [0.9, 0.1]]), torch.tensor([0, 0]))
         >>> prompts = torch.nn.Parameter(torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]]))
-        >>> images = torch.tensor([[1.0, 0.2], [1.0, -0.2]])
-        >>> reviver.observe(images, prompts, torch.zeros(2, dtype=torch.long))
-        >>> reviver.revive_(prompts).tolist()
+        >>> SubpromptReviver(estimate).revive_(prompts).tolist()
         [[False, True]]
+        >>> estimate.usage
+        tensor([[0.5000, 0.5000]])
     """
-
-    usage: Tensor
 
     def __init__(
         self,
-        num_classes: int,
-        n_subprompts: int,
+        usage_estimate: UsageEstimate,
         *,
         min_share: float = 0.25,
-        momentum: float = 0.9,
-        noise_std: float = 0.01,
+        split_std: float = 0.01,
     ):
-        super().__init__()
-        check_int("num_classes", num_classes, minimum=1)
-        self.n_subprompts = check_int("n_subprompts", n_subprompts, minimum=1)
+        if not isinstance(usage_estimate, UsageEstimate):
+            raise TypeError(
+                "usage_estimate must be a UsageEstimate (e.g. the loss's usage_estimate) but is "
+                f"{type(usage_estimate).__name__}."
+            )
+        self.usage_estimate = usage_estimate
         self.min_share = check_unit_interval("min_share", min_share, closed_right=True)
-        self.momentum = check_unit_interval("momentum", momentum)
-        self.noise_std = check_positive("noise_std", noise_std, allow_zero=True)
-        self.register_buffer("usage", torch.full((num_classes, n_subprompts), 1.0 / n_subprompts))
+        self.split_std = check_positive("split_std", split_std, allow_zero=True)
 
     @torch.no_grad()
-    def observe(self, image_features: Tensor, subprompt_features: Tensor, labels: Tensor) -> None:
-        """Update the usage estimate with the argmax sub-prompt of each image."""
-        own = PF.own_class_similarities(image_features, subprompt_features.detach(), labels)
-        hard = F.one_hot(own.argmax(dim=-1), self.n_subprompts).to(self.usage.dtype)
-        classes, means, _ = PF.class_mean_responsibilities(hard, labels)
-        current = self.usage[classes]
-        self.usage[classes] = self.momentum * current + (1 - self.momentum) * means.to(current)
+    def revive_(self, parameter: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Split busy sub-prompts into dead ones, in place; returns the revived mask `(C, K)`.
 
-    @torch.no_grad()
-    def revive_(self, parameter: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Split busy sub-prompts into dead ones, in place; returns the revived mask `(C, K)`."""
-        new, revived = PF.revive_dead_subprompts(
+        Raises:
+            ValueError: If `parameter` is not `(num_classes, K, ...)` of the estimate, or the
+                estimate holds NaN or inf; nothing is changed then.
+        """
+        check_tensor("parameter", parameter)
+        usage = self.usage_estimate.usage
+        if parameter.dim() < 2 or tuple(parameter.shape[:2]) != tuple(usage.shape):
+            raise ValueError(
+                f"parameter must have shape ({usage.shape[0]}, {usage.shape[1]}, ...) to match "
+                f"the usage estimate (num_classes, K) but has shape {tuple(parameter.shape)}."
+            )
+        bad = ~torch.isfinite(usage).all(dim=1)
+        if bool(bad.any()):
+            classes = bad.nonzero().flatten().tolist()
+            raise ValueError(
+                f"the usage estimate holds NaN or inf for class(es) {classes[:10]} (NaN features "
+                "reached the loss); nothing was revived."
+            )
+        new, revived, new_usage = PF.revive_dead_subprompts(
             parameter,
-            self.usage,
+            usage,
             min_share=self.min_share,
-            noise_std=self.noise_std,
+            split_std=self.split_std,
             generator=generator,
         )
         parameter.copy_(new)
-        # A split shares its donor's usage until the next observations say otherwise.
-        for label, index in revived.nonzero().tolist():
-            self.usage[label, index] = 1.0 / self.n_subprompts
+        self.usage_estimate.usage = new_usage
         return revived
 
-    def extra_repr(self) -> str:
-        return f"min_share={self.min_share}, momentum={self.momentum}, noise_std={self.noise_std}"
+    def __repr__(self) -> str:
+        return (
+            f"SubpromptReviver(usage_estimate={self.usage_estimate!r}, "
+            f"min_share={self.min_share}, split_std={self.split_std})"
+        )

@@ -2,17 +2,22 @@
 
 One file per topic: `similarity` (cosines and class logits), `estep` (responsibilities and
 Sinkhorn), `entropy`, `diversity`, `schedule`, `kmeans` (data-driven starting points), `usage`
-(a usage floor, reviving dead sub-prompts), and the field's regularizers: `anchors`
+(the running usage estimate, a usage floor, reviving dead sub-prompts), and the field's
+regularizers: `anchors`
 (KgCoOp/PromptSRC), `consistency` (zero-shot distillation), `text_to_text` (LASP) and
 `dispersion` (DAPT). Shapes use `B` for the batch, `C` for classes, `K` for sub-prompts per class
-and `D` for the embedding dimension. Every function accepts raw (unnormalised) features and
-normalises internally; a zero vector gives zeros and a zero gradient, never NaN, in every dtype.
+and `D` for the embedding dimension; sub-prompt features are `(C, K, D)` everywhere, and
+`(C, D)` is read as `K = 1`. Every function accepts raw (unnormalised) features and normalises
+internally; a zero vector gives zeros and a zero gradient, never NaN, in every dtype. The
+conventions (argument order, names, reductions) are in `docs/conventions.md`.
 """
 
 # The mode lists and their Literal types are importable from here too (not in `__all__`).
 from promptmix.functional._common import (
     AGGREGATIONS,
     ASSIGNMENT_MODES,
+    DEFAULT_LOGIT_SCALE,
+    DEFAULT_TAU,
     ENTROPY_MODES,
     REDUCTIONS,
     SCHEDULE_KINDS,
@@ -30,7 +35,7 @@ from promptmix.functional.anchors import (
     anchor_distances,
     prompt_anchor_loss,
 )
-from promptmix.functional.consistency import KL_REDUCTIONS, KLReduction, zero_shot_consistency
+from promptmix.functional.consistency import zero_shot_consistency
 from promptmix.functional.dispersion import (
     class_prototypes,
     dispersion_loss,
@@ -53,7 +58,7 @@ from promptmix.functional.similarity import (
     subprompt_similarities,
 )
 from promptmix.functional.text_to_text import text_to_text_loss
-from promptmix.functional.usage import revive_dead_subprompts, usage_floor
+from promptmix.functional.usage import revive_dead_subprompts, running_usage, usage_floor
 
 __all__ = [
     "anchor_distances",
@@ -73,6 +78,7 @@ __all__ = [
     "responsibilities",
     "responsibilities_from_similarities",
     "revive_dead_subprompts",
+    "running_usage",
     "sinkhorn",
     "spherical_kmeans",
     "subprompt_similarities",

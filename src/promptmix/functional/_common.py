@@ -1,4 +1,4 @@
-"""Shared names of the functional API: mode lists, a graph-connected zero, `_unit`."""
+"""Shared names of the functional API: mode lists, defaults, a graph-connected zero, `_unit`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,26 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from promptmix._validation import SUBPROMPT_SHAPE
+
+__all__ = [
+    "AGGREGATIONS",
+    "ASSIGNMENT_MODES",
+    "DEFAULT_LOGIT_SCALE",
+    "DEFAULT_TAU",
+    "ENTROPY_MODES",
+    "REDUCTIONS",
+    "SCHEDULE_KINDS",
+    "SUBPROMPT_SHAPE",
+    "Aggregation",
+    "AssignmentMode",
+    "EntropyMode",
+    "Reduction",
+    "ScheduleKind",
+    "connected_zero",
+    "reduce",
+]
 
 Reduction = Literal["mean", "sum", "none"]
 EntropyMode = Literal["sample", "marginal", "mutual_information"]
@@ -19,7 +39,18 @@ ASSIGNMENT_MODES = ("soft", "hard", "sinkhorn")
 AGGREGATIONS = ("logsumexp", "max", "mean", "responsibility")
 SCHEDULE_KINDS = ("linear", "cosine", "exponential")
 
-SUBPROMPT_SHAPE = "(num_classes, K, dim)"
+#: The E-step temperature wherever one is not given: the end of the recommended schedule
+#: (`TemperatureSchedule()`, 1 -> 0.3) and the loss's fixed `tau`.
+DEFAULT_TAU = 0.3
+#: The cosine-to-logit factor wherever one is not given: CLIP's trained `logit_scale.exp()`.
+DEFAULT_LOGIT_SCALE = 100.0
+
+
+def reduce(values: Tensor, reduction: Reduction) -> Tensor:
+    """`values` as they are (`"none"`), or their mean or sum: the one reduction vocabulary."""
+    if reduction == "none":
+        return values
+    return values.mean() if reduction == "mean" else values.sum()
 
 
 def connected_zero(*tensors: Tensor) -> Tensor:

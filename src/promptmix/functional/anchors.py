@@ -6,29 +6,21 @@ from typing import Literal
 
 from torch import Tensor
 
-from promptmix._validation import check_choice, check_rank, check_subprompts
-from promptmix.functional._common import REDUCTIONS, Reduction, _unit, connected_zero
+from promptmix._validation import as_subprompts, check_choice
+from promptmix.functional._common import REDUCTIONS, Reduction, _unit, connected_zero, reduce
+
+__all__ = ["ANCHOR_DISTANCES", "AnchorDistance", "anchor_distances", "prompt_anchor_loss"]
 
 AnchorDistance = Literal["cosine", "l2", "l1"]
 ANCHOR_DISTANCES = ("cosine", "l2", "l1")
-
-PROMPTS_SHAPE = "(num_classes, K, dim) or (num_classes, dim)"
-
-
-def _as_subprompts(name: str, features: object) -> Tensor:
-    """`features` as `(rows, K, dim)`: a `(rows, dim)` tensor becomes `K = 1`."""
-    tensor = check_rank(name, features, (2, 3), PROMPTS_SHAPE)
-    tensor = tensor.unsqueeze(1) if tensor.dim() == 2 else tensor
-    check_subprompts(name, tensor, 1)
-    return tensor
 
 
 def _paired_features(
     subprompt_features: Tensor, anchor_features: Tensor, anchor_name: str = "anchor_features"
 ) -> tuple[Tensor, Tensor]:
     """Validated `(C, K, D)` prompts and `(C, 1 or K, D)` anchors that broadcast against them."""
-    prompts = _as_subprompts("subprompt_features", subprompt_features)
-    anchors = _as_subprompts(anchor_name, anchor_features)
+    prompts = as_subprompts("subprompt_features", subprompt_features)
+    anchors = as_subprompts(anchor_name, anchor_features)
     num_classes, k, dim = prompts.shape
     matches = anchors.shape[0] == num_classes and anchors.shape[-1] == dim
     if not matches or anchors.shape[1] not in (1, k):
@@ -106,8 +98,9 @@ def prompt_anchor_loss(
             `(num_classes, K)`.
 
     Returns:
-        A scalar, or `(num_classes, K)` with `reduction="none"`. No classes give a zero that is
-        still connected to the graph.
+        A scalar, or `(num_classes, K)` with `reduction="none"`; `>= 0` up to float rounding
+        (about 1e-7 in float32 for identical features). No classes give a zero that is still
+        connected to the graph.
 
     Examples:
         >>> import torch
@@ -119,8 +112,6 @@ def prompt_anchor_loss(
     """
     check_choice("reduction", reduction, REDUCTIONS)
     distances = anchor_distances(subprompt_features, anchor_features, distance=distance)
-    if reduction == "none":
-        return distances
-    if distances.numel() == 0:
+    if reduction != "none" and distances.numel() == 0:
         return connected_zero(subprompt_features)
-    return distances.mean() if reduction == "mean" else distances.sum()
+    return reduce(distances, reduction)

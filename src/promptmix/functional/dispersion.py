@@ -7,9 +7,20 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor
 
-from promptmix._validation import check_labels, check_positive, check_rank
+from promptmix._validation import (
+    as_subprompts,
+    check_int,
+    check_labels,
+    check_positive,
+    check_rank,
+    clamp_labels,
+    labels_out_of_range,
+    nan_where,
+    reads_host,
+)
 from promptmix.functional._common import _unit, connected_zero
-from promptmix.functional.anchors import _as_subprompts
+
+__all__ = ["class_prototypes", "dispersion_loss", "image_prototype_loss"]
 
 
 def dispersion_loss(subprompt_features: Tensor, *, bandwidth: float = 2.0) -> Tensor:
@@ -42,7 +53,7 @@ def dispersion_loss(subprompt_features: Tensor, *, bandwidth: float = 2.0) -> Te
         >>> dispersion_loss(torch.tensor([[1.0, 0.0], [2.0, 0.0]]))
         tensor(1.)
     """
-    prompts = _as_subprompts("subprompt_features", subprompt_features)
+    prompts = as_subprompts("subprompt_features", subprompt_features)
     check_positive("bandwidth", bandwidth)
     num_classes, k, _ = prompts.shape
     if num_classes < 2:
@@ -52,14 +63,16 @@ def dispersion_loss(subprompt_features: Tensor, *, bandwidth: float = 2.0) -> Te
     squared = (
         squared_norms[:, None] + squared_norms[None, :] - 2 * einsum(flat, flat, "i d, j d -> i j")
     )
-    classes = torch.arange(num_classes, device=flat.device).repeat_interleave(k)
+    # A weight on every pair rather than indexing with the mask of pairs between classes:
+    # fixed shapes, so no device-to-host synchronisation; the count of such pairs is known.
+    classes = torch.arange(num_classes, device=flat.device).unsqueeze(1).expand(-1, k).flatten()
     rows, cols = torch.triu_indices(len(classes), len(classes), offset=1, device=flat.device)
-    between = classes[rows] != classes[cols]
-    rows, cols = rows[between], cols[between]
-    return torch.exp(-bandwidth * squared[rows, cols].clamp_min(0)).mean()
+    between = (classes[rows] != classes[cols]).to(flat.dtype)
+    potentials = torch.exp(-bandwidth * squared[rows, cols].clamp_min(0))
+    return (potentials * between).sum() / (k * k * num_classes * (num_classes - 1) // 2)
 
 
-def class_prototypes(image_features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+def class_prototypes(image_features: Tensor, labels: Tensor, *, num_classes: int) -> Tensor:
     r"""The mean of each class's L2-normalised image features (DAPT's prototypes).
 
     $$ p_c = \frac{1}{|\{b : y_b = c\}|} \sum_{b : y_b = c} \hat x_b $$
@@ -70,44 +83,52 @@ def class_prototypes(image_features: Tensor, labels: Tensor, num_classes: int) -
         num_classes: $C$; a class without images gets a zero prototype.
 
     Returns:
-        `(num_classes, dim)` prototypes, not renormalised (as DAPT's).
+        `(num_classes, dim)` prototypes, not renormalised (as DAPT's). Reads the host (a
+        set-up function): labels outside `[0, num_classes)` raise on every device.
 
     Examples:
         >>> images = torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.0, 1.0]])
-        >>> class_prototypes(images, torch.tensor([0, 1, 1]), 3)
+        >>> class_prototypes(images, torch.tensor([0, 1, 1]), num_classes=3)
         tensor([[1., 0.],
                 [0., 1.],
                 [0., 0.]])
     """
     check_rank("image_features", image_features, (2,), "(batch, dim)")
-    check_labels("labels", labels, image_features.shape[0], num_classes)
+    check_int("num_classes", num_classes, minimum=1)
+    labels = check_labels("labels", labels, image_features.shape[0], None)
+    if labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {num_classes - 1}] but ranges over [{low}, {high}]."
+            )
     units = _unit(image_features)
-    sums = units.new_zeros(num_classes, units.shape[-1]).index_add_(0, labels.long(), units)
-    counts = torch.bincount(labels.long(), minlength=num_classes).clamp_min(1)
+    sums = units.new_zeros(num_classes, units.shape[-1]).index_add_(0, labels, units)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1)
     return sums / counts[:, None].to(sums.dtype)
 
 
-def image_prototype_loss(image_features: Tensor, prototypes: Tensor, labels: Tensor) -> Tensor:
+def image_prototype_loss(image_features: Tensor, labels: Tensor, prototypes: Tensor) -> Tensor:
     r"""Mean squared error of normalised image features to their class's prototype (DAPT).
 
     $$ L = \frac{1}{B D} \sum_{b=1}^{B} \lVert \hat x_b - p_{y_b} \rVert_2^2 $$
 
     DAPT's visual term (`trainers/dapt.py`: `F.mse_loss(image_features, prototype[label])`,
-    weight `VIS_BETA`: 0.1 by default, 100 on Stanford Cars) with prototypes from
+    weight `VIS_BETA`, from 0.01 to 100 by dataset, see `ImagePrototypeLoss`) with prototypes from
     `class_prototypes` of the frozen encoder's few-shot features. It moves something only where
     the image features are learned (visual prompts); with a frozen image tower it is a constant.
 
     Args:
         image_features: `(batch, dim)` (learned) image features, normalised here.
-        prototypes: `(num_classes, dim)`, used as given.
         labels: `(batch,)` integer classes.
+        prototypes: `(num_classes, dim)`, used as given.
 
     Returns:
         A scalar; an empty batch gives a zero that is still connected to the graph.
 
     Examples:
         >>> prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-        >>> image_prototype_loss(torch.tensor([[3.0, 0.0]]), prototypes, torch.tensor([1]))
+        >>> image_prototype_loss(torch.tensor([[3.0, 0.0]]), torch.tensor([1]), prototypes)
         tensor(1.)
     """
     check_rank("image_features", image_features, (2,), "(batch, dim)")
@@ -117,8 +138,15 @@ def image_prototype_loss(image_features: Tensor, prototypes: Tensor, labels: Ten
             f"prototypes must have dim {image_features.shape[-1]} like image_features but has "
             f"shape {tuple(prototypes.shape)}."
         )
-    check_labels("labels", labels, image_features.shape[0], prototypes.shape[0])
+    num_classes = prototypes.shape[0]
+    labels = check_labels("labels", labels, image_features.shape[0], num_classes)
     if image_features.shape[0] == 0:
-        return connected_zero(image_features)
+        return connected_zero(image_features, prototypes)
     units = _unit(image_features)
-    return F.mse_loss(units, prototypes[labels.long()].to(units.dtype))
+    invalid = None if reads_host(labels) else labels_out_of_range(labels, num_classes)
+    if invalid is not None:
+        labels = clamp_labels(labels, num_classes)
+    targets = prototypes[labels].to(units.dtype)
+    if invalid is not None:
+        targets = nan_where(invalid.unsqueeze(1), targets)
+    return F.mse_loss(units, targets)

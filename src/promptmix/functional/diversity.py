@@ -6,18 +6,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from promptmix._validation import check_choice, check_tensor
+from promptmix._validation import (
+    as_subprompts,
+    check_choice,
+    check_positive,
+    check_tensor,
+    check_unit_interval,
+)
 from promptmix.functional._common import REDUCTIONS, Reduction, connected_zero
 from promptmix.functional.similarity import pairwise_cosine
+
+__all__ = ["diversity_loss"]
 
 
 def diversity_loss(
     subprompt_features: Tensor,
+    class_mask: Tensor | None = None,
     *,
     power: float = 2.0,
     margin: float = 0.0,
     reduction: Reduction = "mean",
-    class_mask: Tensor | None = None,
 ) -> Tensor:
     r"""Mean penalised pairwise cosine between each class's sub-prompts.
 
@@ -28,15 +36,18 @@ def diversity_loss(
 
     With the defaults (`p = 2`, `m = 0`) this is the mean squared cosine: identical sub-prompts
     give 1, mutually orthogonal ones give 0. Similarities with `|cos| <= margin` cost nothing.
+    (The original mixture-of-prompts code's diversity term was a different penalty: a piecewise
+    function of the cosine, with terms in $s$, $s^2$, $s^4$ and $s^8$ above thresholds,
+    averaged over the batch's images rather than over classes.)
 
     Args:
-        subprompt_features: `(num_classes, K, dim)`.
-        power: exponent `p >= 1` applied to the penalised similarity.
-        margin: `m` in `[0, 1)`, the similarity below which pairs are not penalised.
-        reduction: `"mean"` or `"sum"` over classes, or `"none"` for `(num_classes,)`.
+        subprompt_features: `(num_classes, K, dim)` (`(num_classes, dim)`: `K = 1`, no pairs).
         class_mask: `(num_classes,)` bool, the classes to penalise (e.g. those in the batch);
             the others count as 0 and the mean is over the selected ones. A mask rather than
             indexing with the selected classes keeps the shapes fixed: no host sync on CUDA.
+        power: exponent `p >= 1` applied to the penalised similarity.
+        margin: `m` in `[0, 1)`, the similarity below which pairs are not penalised.
+        reduction: `"mean"` or `"sum"` over classes, or `"none"` for `(num_classes,)`.
 
     Returns:
         A scalar, or `(num_classes,)` with `reduction="none"`. `K == 1` (no pairs), no
@@ -50,11 +61,15 @@ def diversity_loss(
         >>> diversity_loss(torch.eye(3).unsqueeze(0))
         tensor(0.)
         >>> two = torch.stack([torch.ones(3, 4), torch.eye(3, 4)])  # collapsed, then diverse
-        >>> diversity_loss(two, class_mask=torch.tensor([False, True]))
+        >>> diversity_loss(two, torch.tensor([False, True]))
         tensor(0.)
     """
+    subprompt_features = as_subprompts("subprompt_features", subprompt_features)
     cosine = pairwise_cosine(subprompt_features)
     check_choice("reduction", reduction, REDUCTIONS)
+    if check_positive("power", power) < 1:
+        raise ValueError(f"power must be in [1, inf) but is {power}.")
+    check_unit_interval("margin", margin)
     num_classes, k = subprompt_features.shape[:2]
     if class_mask is not None:
         check_tensor("class_mask", class_mask)

@@ -7,29 +7,19 @@ import math
 import torch
 from torch import Tensor
 
-from promptmix._validation import (
-    check_choice,
-    check_labels,
-    check_positive,
-    check_rank,
-    check_simplex,
-    check_subprompts,
-    clamp_labels,
-    labels_out_of_range,
-    nan_where,
-    reads_host,
+from promptmix._validation import check_choice, check_labels, check_positive, check_rank
+from promptmix.functional._common import ENTROPY_MODES, EntropyMode, _group_sums, connected_zero
+from promptmix.functional.usage import (
+    DEFAULT_PRIOR_COUNT,
+    _checked_inputs,
+    _class_means,
+    _mean_over_present,
 )
-from promptmix.functional._common import (
-    ENTROPY_MODES,
-    EntropyMode,
-    _dense_groups,
-    _group_sums,
-    connected_zero,
-)
-from promptmix.functional.estep import check_usage_prior
+
+__all__ = ["assignment_entropy", "class_mean_responsibilities", "entropy"]
 
 
-def entropy(probabilities: Tensor, dim: int = -1) -> Tensor:
+def entropy(probabilities: Tensor, *, dim: int = -1) -> Tensor:
     r"""Shannon entropy in nats, $H(p) = -\sum_k p_k \log p_k$, safe at `p_k = 0`.
 
     The logarithm is taken of `p` clamped to the dtype's smallest normal number, so zero
@@ -87,59 +77,22 @@ def class_mean_responsibilities(
     return classes, sums / counts.unsqueeze(1), counts
 
 
-def _class_terms(
-    responsibilities: Tensor,
-    labels: Tensor | None,
-    usage_prior: Tensor | None,
-    prior_count: float,
-    per_row: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    r"""Per group of equal labels, with no host sync: `(present, blended_means, row_means)`.
-
-    `present` `(G,)` marks the groups that hold rows (`G = batch`, or 1 without labels);
-    `blended_means` `(G, K)` is $(\sum_b \gamma_b + n_0 u_c) / (n_c + n_0)$ (the plain mean
-    without a prior) and `row_means` `(G,)` the per-group mean of `per_row` `(batch,)`.
-    """
-    batch = responsibilities.shape[0]
-    groups = _dense_groups(labels, batch, responsibilities.device)
-    num_groups = batch if labels is not None else 1
-    counts = _group_sums(responsibilities.new_ones(batch), groups, num_groups)
-    denominator = counts.clamp_min(1)
-    means = _group_sums(responsibilities, groups, num_groups) / denominator.unsqueeze(1)
-    if usage_prior is not None and prior_count > 0:
-        rows = usage_prior.detach().to(means.dtype)
-        if labels is None:
-            prior = rows.mean(dim=0, keepdim=True)
-        else:
-            prior = _group_sums(rows[labels], groups, num_groups) / denominator.unsqueeze(1)
-        weight = (counts / (counts + prior_count)).unsqueeze(1)
-        means = weight * means + (1 - weight) * prior
-    row_means = None
-    if per_row is not None:
-        row_means = _group_sums(per_row, groups, num_groups) / denominator
-    return counts > 0, means, row_means
-
-
-def _mean_over_present(values: Tensor, present: Tensor) -> Tensor:
-    """Mean of `values` `(G,)` over the present groups."""
-    weights = present.to(values.dtype)
-    return (values * weights).sum() / weights.sum().clamp_min(1)
-
-
 def assignment_entropy(
     responsibilities: Tensor,
     labels: Tensor | None = None,
-    *,
-    mode: EntropyMode = "sample",
-    normalize: bool = False,
     usage_prior: Tensor | None = None,
-    prior_count: float = 0.0,
+    *,
+    mode: EntropyMode = "marginal",
+    normalize: bool = False,
+    prior_count: float = DEFAULT_PRIOR_COUNT,
 ) -> Tensor:
     r"""Entropy of sub-prompt assignments, in nats; a regulariser *maximises* it.
 
-    - `"sample"`: $\frac{1}{B}\sum_b H(\gamma_b)$, every image spread over sub-prompts.
-    - `"marginal"`: for each class `c` in the batch, $H(\bar\gamma_c)$ of the class's mean
-      assignment, averaged over classes: spreads *usage* without making each image uncertain.
+    - `"marginal"` (default): for each class `c` in the batch, $H(\bar\gamma_c)$ of the
+      class's mean assignment, averaged over classes: spreads *usage* without making each image
+      uncertain.
+    - `"sample"`: $\frac{1}{B}\sum_b H(\gamma_b)$, every image spread over sub-prompts (the
+      original mixture-of-prompts code's entropy term).
     - `"mutual_information"`: per class, $H(\bar\gamma_c) - \frac{1}{n_c}\sum_{b \in c}
       H(\gamma_b)$, averaged over classes: spread usage, confident images. Without a usage prior
       it is a mutual information, so it lies in `[0, log K]`.
@@ -148,14 +101,15 @@ def assignment_entropy(
     the sample entropy). `usage_prior` fixes that: the class mean becomes
     $(\sum_{b \in c} \gamma_b + n_0 u_c) / (n_c + n_0)$ with a running usage estimate
     $u_c$ (treated as a constant) worth `prior_count` = $n_0$ images. The gradient
-    then still pushes the batch's images toward the sub-prompts the class under-uses.
+    then still pushes the batch's images toward the sub-prompts the class under-uses. The
+    `"sample"` mode ignores the prior. No device-to-host synchronisation.
 
     Args:
         responsibilities: `(batch, K)` rows on the probability simplex.
         labels: `(batch,)` integer class of each image; `None` treats the batch as one class.
-        mode: `"sample"`, `"marginal"` or `"mutual_information"`.
-        normalize: divide by `log K` so the value lies in `[0, 1]`.
         usage_prior: `(num_classes, K)` running usage per class (simplex rows), or `None`.
+        mode: `"marginal"`, `"sample"` or `"mutual_information"`.
+        normalize: divide by `log K` so the value lies in `[0, 1]`.
         prior_count: weight `n_0 >= 0` of the prior, in images.
 
     Returns:
@@ -166,25 +120,13 @@ def assignment_entropy(
         >>> assignment_entropy(uniform, normalize=True)
         tensor(1.)
         >>> one_hot = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-        >>> assignment_entropy(one_hot), assignment_entropy(one_hot, mode="marginal")
-        (tensor(0.), tensor(0.6931))
+        >>> assignment_entropy(one_hot), assignment_entropy(one_hot, mode="sample")
+        (tensor(0.6931), tensor(0.))
     """
-    check_rank("responsibilities", responsibilities, (2,), "(batch, K)")
-    check_subprompts("responsibilities", responsibilities, -1)
     check_choice("mode", mode, ENTROPY_MODES)
-    batch, k = responsibilities.shape
-    num_classes = None
-    if usage_prior is not None:
-        usage_prior = check_usage_prior(usage_prior, k, "responsibilities")
-        num_classes = usage_prior.shape[0]
-    if labels is not None:
-        labels = check_labels("labels", labels, batch, num_classes)
-        if num_classes is not None and not reads_host(labels):
-            invalid = labels_out_of_range(labels, num_classes)
-            responsibilities = nan_where(invalid.unsqueeze(1), responsibilities)
-            labels = clamp_labels(labels, num_classes)
     check_positive("prior_count", prior_count, allow_zero=True)
-    responsibilities = check_simplex("responsibilities", responsibilities)
+    responsibilities, labels, usage_prior = _checked_inputs(responsibilities, labels, usage_prior)
+    batch, k = responsibilities.shape
     if batch == 0 or k == 1:
         return connected_zero(responsibilities)
 
@@ -192,7 +134,7 @@ def assignment_entropy(
         value = entropy(responsibilities).mean()
     else:
         sample = entropy(responsibilities) if mode == "mutual_information" else None
-        present, class_means, sample_means = _class_terms(
+        present, class_means, sample_means = _class_means(
             responsibilities, labels, usage_prior, prior_count, sample
         )
         per_class = entropy(class_means)

@@ -13,17 +13,26 @@ from promptmix._validation import (
     check_positive,
     check_rank,
     check_score_range,
-    check_simplex,
     check_subprompts,
     nan_where,
 )
 from promptmix.functional._common import (
     ASSIGNMENT_MODES,
+    DEFAULT_LOGIT_SCALE,
+    DEFAULT_TAU,
     AssignmentMode,
     _dense_groups,
     _group_sums,
 )
 from promptmix.functional.similarity import own_class_similarities
+from promptmix.functional.usage import _check_usage_prior
+
+__all__ = [
+    "DEFAULT_SINKHORN_ITERATIONS",
+    "responsibilities",
+    "responsibilities_from_similarities",
+    "sinkhorn",
+]
 
 #: Sinkhorn rounds, then Newton steps, in the training step. Chosen from
 #: `benchmarks/sinkhorn_iterations.py`: together the fewest that bring every class's usage within
@@ -37,20 +46,6 @@ DEFAULT_NEWTON_STEPS = 10
 _NEWTON_STEP_SIZES = (1.0, 0.5, 0.25, 0.125, 0.0)
 #: Largest move of a potential in one Newton step (in units of the scores).
 _NEWTON_MAX_MOVE = 30.0
-
-
-def check_usage_prior(usage_prior: Tensor, k: int, against: str) -> Tensor:
-    """Return `usage_prior` if it is `(num_classes, k)` with rows on the simplex (see
-    `check_simplex` for when values are checked)."""
-    check_rank("usage_prior", usage_prior, (2,), "(num_classes, K)")
-    if usage_prior.shape[1] != k:
-        raise ValueError(
-            f"usage_prior must have shape (num_classes, {k}) to match {against} but has shape "
-            f"{tuple(usage_prior.shape)}."
-        )
-    if usage_prior.shape[0] < 1:
-        raise ValueError("usage_prior must have at least one class row but has shape (0, K).")
-    return check_simplex("usage_prior", usage_prior)
 
 
 def _row_prior(usage_prior: Tensor, labels: Tensor | None, batch: int) -> Tensor:
@@ -69,11 +64,11 @@ def _work_dtype(tensor: Tensor) -> torch.dtype:
 def sinkhorn(
     scores: Tensor,
     groups: Tensor | None = None,
+    usage_prior: Tensor | None = None,
     *,
-    iterations: int = DEFAULT_SINKHORN_ITERATIONS,
+    sinkhorn_iterations: int = DEFAULT_SINKHORN_ITERATIONS,
     newton_steps: int = DEFAULT_NEWTON_STEPS,
     tol: float | None = None,
-    usage_prior: Tensor | None = None,
 ) -> Tensor:
     r"""Balanced assignment of each group's rows over the K columns (entropic optimal transport).
 
@@ -85,7 +80,7 @@ def sinkhorn(
     every row is recomputed from the scores, so a sub-prompt that wins every image by a wide
     margin is still balanced instead of underflowing to exact zeros.
 
-    1. `iterations` Sinkhorn rounds, $v_{gk} \mathrel{+}= \log(n_g \pi_{gk}) -
+    1. `sinkhorn_iterations` Sinkhorn rounds, $v_{gk} \mathrel{+}= \log(n_g \pi_{gk}) -
        \log \sum_{b \in g} Q_{bk}$;
     2. `newton_steps` Newton steps on the concave dual
        $F_g(v) = \sum_k n_g \pi_{gk} v_k - \sum_{b \in g} \operatorname{logsumexp}_k(S_{bk} + v_k)$,
@@ -99,21 +94,22 @@ def sinkhorn(
 
     The training step runs a fixed number of rounds and never reads a value on the host: no
     device-to-host synchronisation. `tol` is for tests and diagnostics: it stops as soon as every
-    column is within a relative `tol` of its target (a host read per round), with `iterations`
-    and `newton_steps` as maxima.
+    column is within a relative `tol` of its target (a host read per round), with
+    `sinkhorn_iterations` and `newton_steps` as maxima.
 
     Args:
-        scores: `(batch, K)` logits, e.g. `scale * cosine / tau`.
+        scores: `(batch, K)` logits, e.g. `logit_scale * cosine / tau`.
         groups: `(batch,)` integer group of each row (the class), or `None` for one group.
-        iterations: Sinkhorn rounds, `>= 1`; with `tol`, a maximum.
+        usage_prior: `(num_classes, K)` target usage of each class (simplex rows), indexed by
+            `groups`; with `groups=None`, the mean row is the target. `None`: uniform.
+        sinkhorn_iterations: Sinkhorn rounds, `>= 1`; with `tol`, a maximum.
         newton_steps: Newton steps after them, `>= 0`; with `tol`, a maximum.
         tol: stop when $\max_{g,k} |\text{mass}_{gk} - n_g \pi_{gk}| / (n_g \pi_{gk}) \le$ `tol`
             (over targets > 0), or `None` to run every round and step.
-        usage_prior: `(num_classes, K)` target usage of each class (simplex rows), indexed by
-            `groups`; with `groups=None`, the mean row is the target. `None`: uniform.
 
     Returns:
-        `(batch, K)` responsibilities in the dtype of `scores`. A NaN score makes its group NaN.
+        `(batch, K)` responsibilities in the dtype of `scores`. A NaN score makes every row of
+        its group NaN (the rows of a group are coupled), not only its own.
 
     Examples:
         >>> scores = torch.tensor([[5.0, 0.0], [4.0, 0.0], [3.0, 0.0], [2.0, 0.0]])
@@ -125,13 +121,13 @@ def sinkhorn(
     """
     check_rank("scores", scores, (2,), "(batch, K)")
     check_subprompts("scores", scores, -1)
-    check_int("iterations", iterations, minimum=1)
+    check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=1)
     check_int("newton_steps", newton_steps, minimum=0)
     if tol is not None:
         tol = check_positive("tol", tol)
     batch, k = scores.shape
     if usage_prior is not None:
-        usage_prior = check_usage_prior(usage_prior, k, "scores")
+        usage_prior = _check_usage_prior(usage_prior, k, "scores")
     if groups is not None:
         num_classes = None if usage_prior is None else usage_prior.shape[0]
         groups = check_labels("groups", groups, batch, num_classes)
@@ -151,7 +147,7 @@ def sinkhorn(
         log_target = target.log()
         tiny = torch.finfo(work).tiny
         potentials = logits.new_zeros(num_groups, k)
-        for _ in range(iterations):
+        for _ in range(sinkhorn_iterations):
             if tol is not None and _column_error(logits, potentials, group, target) <= tol:
                 break
             mass = _group_sums(torch.softmax(logits + potentials[group], dim=-1), group, num_groups)
@@ -203,71 +199,122 @@ def _column_error(logits: Tensor, potentials: Tensor, group: Tensor, target: Ten
     return float(gap.max()) if gap.numel() else 0.0
 
 
-def _scores(similarities: Tensor, tau: float, scale: float) -> Tensor:
-    """`scale * similarities / tau` in float32 at least, so a small `tau` cannot overflow."""
-    ratio = check_score_range(tau, scale)
+def _scores(similarities: Tensor, tau: float, logit_scale: float) -> Tensor:
+    """`logit_scale * similarities / tau` in float32 at least, so a small `tau` cannot overflow."""
+    ratio = check_score_range(tau, logit_scale)
     work = torch.float64 if similarities.dtype == torch.float64 else torch.float32
     return similarities.to(work) * ratio
+
+
+def _check_estep(
+    similarities: Tensor,
+    usage_prior: Tensor | None,
+    *,
+    tau: float,
+    logit_scale: float,
+    mode: str,
+    sinkhorn_iterations: int,
+) -> Tensor | None:
+    """Validate the E-step's arguments; the usage prior as `check_simplex` returns it."""
+    check_rank("similarities", similarities, (2,), "(batch, K)")
+    check_subprompts("similarities", similarities, -1)
+    check_positive("tau", tau)
+    check_positive("logit_scale", logit_scale)
+    check_choice("mode", mode, ASSIGNMENT_MODES)
+    check_int("sinkhorn_iterations", sinkhorn_iterations, minimum=1)
+    if usage_prior is not None and mode != "sinkhorn":
+        raise ValueError(f'usage_prior is used by mode="sinkhorn" only, but mode is {mode!r}.')
+    if usage_prior is not None:
+        usage_prior = _check_usage_prior(usage_prior, similarities.shape[1], "similarities")
+    return usage_prior
+
+
+def _estep(
+    similarities: Tensor,
+    labels: Tensor | None,
+    usage_prior: Tensor | None,
+    *,
+    tau: float,
+    logit_scale: float,
+    mode: str,
+    sinkhorn_iterations: int,
+) -> tuple[Tensor, Tensor]:
+    """The E-step, once: `(soft, assigned)` from validated arguments.
+
+    `soft` is `softmax(logit_scale * similarities / tau)` with its gradient; `assigned` is the
+    responsibilities of `mode`: `soft` itself, its one-hot argmax, or Sinkhorn's balance of the
+    same scores. The softmax runs once, whatever the mode.
+    """
+    scores = _scores(similarities, tau, logit_scale)
+    soft = torch.softmax(scores, dim=-1).to(similarities.dtype)
+    if mode == "soft":
+        return soft, soft
+    if mode == "hard":
+        one_hot = F.one_hot(scores.detach().argmax(dim=-1), num_classes=scores.shape[-1])
+        # argmax picks a NaN as the winner; keep such a row NaN rather than a finite one-hot.
+        finite = torch.isfinite(scores.detach()).all(dim=-1, keepdim=True)
+        return soft, nan_where(~finite, one_hot.to(similarities.dtype))
+    balanced = sinkhorn(
+        scores, labels, usage_prior, sinkhorn_iterations=sinkhorn_iterations
+    ).to(similarities.dtype)
+    return soft, balanced
 
 
 def responsibilities_from_similarities(
     similarities: Tensor,
     labels: Tensor | None = None,
+    usage_prior: Tensor | None = None,
     *,
-    tau: float = 1.0,
-    scale: float = 100.0,
+    tau: float = DEFAULT_TAU,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
     mode: AssignmentMode = "soft",
     sinkhorn_iterations: int = DEFAULT_SINKHORN_ITERATIONS,
-    usage_prior: Tensor | None = None,
 ) -> Tensor:
     """E-step from precomputed own-class similarities; see `responsibilities`.
 
     Args:
         similarities: `(batch, K)` cosine of each image to its class's sub-prompts.
         labels: `(batch,)` the class of each image (groups for `"sinkhorn"`), or `None`.
-        tau: temperature `> 0`.
-        scale: similarity scale `> 0`.
-        mode: `"soft"`, `"hard"` or `"sinkhorn"`.
-        sinkhorn_iterations: rounds for `"sinkhorn"`.
         usage_prior: `(num_classes, K)` target usage per class for `"sinkhorn"`, or `None`
             for uniform.
+        tau: temperature `> 0`.
+        logit_scale: the E-step's cosine-to-logit factor `> 0`.
+        mode: `"soft"`, `"hard"` or `"sinkhorn"`.
+        sinkhorn_iterations: rounds for `"sinkhorn"`.
 
     Returns:
         `(batch, K)` rows on the simplex, in the dtype of `similarities`; NaN rows for NaN
-        similarities.
+        similarities (with `"sinkhorn"`, every row of that image's class).
     """
-    check_rank("similarities", similarities, (2,), "(batch, K)")
-    check_subprompts("similarities", similarities, -1)
-    check_positive("tau", tau)
-    check_positive("scale", scale)
-    check_choice("mode", mode, ASSIGNMENT_MODES)
-    if usage_prior is not None:
-        check_usage_prior(usage_prior, similarities.shape[1], "similarities")
-    if usage_prior is not None and mode != "sinkhorn":
-        raise ValueError(f'usage_prior is used by mode="sinkhorn" only, but mode is {mode!r}.')
-    scores = _scores(similarities, tau, scale)
-    if mode == "soft":
-        return torch.softmax(scores, dim=-1).to(similarities.dtype)
-    if mode == "hard":
-        one_hot = F.one_hot(scores.argmax(dim=-1), num_classes=scores.shape[-1])
-        # argmax picks a NaN as the winner; keep such a row NaN rather than a finite one-hot.
-        finite = torch.isfinite(scores).all(dim=-1, keepdim=True)
-        return nan_where(~finite, one_hot.to(similarities.dtype))
-    return sinkhorn(
-        scores, labels, iterations=sinkhorn_iterations, usage_prior=usage_prior
-    ).to(similarities.dtype)
+    usage_prior = _check_estep(
+        similarities,
+        usage_prior,
+        tau=tau,
+        logit_scale=logit_scale,
+        mode=mode,
+        sinkhorn_iterations=sinkhorn_iterations,
+    )
+    return _estep(
+        similarities,
+        labels,
+        usage_prior,
+        tau=tau,
+        logit_scale=logit_scale,
+        mode=mode,
+        sinkhorn_iterations=sinkhorn_iterations,
+    )[1]
 
 
 def responsibilities(
     image_features: Tensor,
     subprompt_features: Tensor,
     labels: Tensor | None = None,
+    usage_prior: Tensor | None = None,
     *,
-    tau: float = 1.0,
-    scale: float = 100.0,
+    tau: float = DEFAULT_TAU,
+    logit_scale: float = DEFAULT_LOGIT_SCALE,
     mode: AssignmentMode = "soft",
     sinkhorn_iterations: int = DEFAULT_SINKHORN_ITERATIONS,
-    usage_prior: Tensor | None = None,
 ) -> Tensor:
     r"""E-step: how much each sub-prompt of an image's class is responsible for the image.
 
@@ -275,11 +322,13 @@ def responsibilities(
     \gamma_{bk} = \operatorname{softmax}_k\left(s \cos(x_b, t_{y_b k}) / \tau\right)
     $$
 
-    The similarity scale `s` defaults to 100, CLIP's learned logit scale, so `tau = 1` assigns
-    exactly as CLIP's own classifier would score the sub-prompts; `tau < 1` sharpens, `tau > 1`
-    softens. CLIP cosines between sub-prompts of one class differ by a few hundredths, so at
-    `tau = 0.05` (logit gaps of ~20-100) assignments are effectively hard, at `0.3` still soft.
-    The scores are computed in float32 (float64 for float64 input) whatever the input dtype.
+    The cosine-to-logit factor `s` (`logit_scale`) defaults to 100, CLIP's learned logit scale,
+    so `tau = 1` assigns exactly as CLIP's own classifier would score the sub-prompts; `tau < 1`
+    sharpens, `tau > 1` softens (the original mixture-of-prompts code used `s = 50`: the same
+    assignments take a `tau` twice as large here). CLIP cosines between sub-prompts of one class
+    differ by a few hundredths, so at `tau = 0.05` (logit gaps of ~20-100) assignments are
+    effectively hard, at `0.3` (the default) still soft. The scores are computed in float32
+    (float64 for float64 input) whatever the input dtype.
 
     - `"soft"`: the softmax above; it **carries gradient**, so an entropy regulariser on it moves
       the sub-prompts.
@@ -290,21 +339,22 @@ def responsibilities(
     Args:
         image_features: `(batch, dim)`.
         subprompt_features: `(num_classes, K, dim)` indexed by `labels`, or `(batch, K, dim)`
-            already gathered per image when `labels` is `None`.
+            already gathered per image when `labels` is `None` (`(rows, dim)`: `K = 1`).
         labels: `(batch,)` integer class of each image, or `None`.
+        usage_prior: `(num_classes, K)` target usage per class for `"sinkhorn"`, or `None`.
         tau: temperature `> 0`.
-        scale: similarity scale `s > 0`.
+        logit_scale: the cosine-to-logit factor `s > 0`.
         mode: `"soft"`, `"hard"` or `"sinkhorn"`.
         sinkhorn_iterations: rounds for `"sinkhorn"`, `>= 1`.
-        usage_prior: `(num_classes, K)` target usage per class for `"sinkhorn"`, or `None`.
 
     Returns:
-        `(batch, K)` non-negative rows summing to 1 (NaN rows for NaN features).
+        `(batch, K)` non-negative rows summing to 1. NaN features give NaN rows: the image's own
+        row, or with `"sinkhorn"` every row of its class (a class's rows are coupled).
 
     Examples:
         >>> images = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
         >>> prompts = torch.eye(2).unsqueeze(0)  # one class, K=2 orthogonal sub-prompts
-        >>> responsibilities(images, prompts, torch.tensor([0, 0]), tau=1.0, scale=1.0)
+        >>> responsibilities(images, prompts, torch.tensor([0, 0]), tau=1.0, logit_scale=1.0)
         tensor([[0.7311, 0.2689],
                 [0.2689, 0.7311]])
         >>> responsibilities(images, prompts, torch.tensor([0, 0]), mode="hard")
@@ -315,9 +365,9 @@ def responsibilities(
     return responsibilities_from_similarities(
         similarities,
         labels,
+        usage_prior,
         tau=tau,
-        scale=scale,
+        logit_scale=logit_scale,
         mode=mode,
         sinkhorn_iterations=sinkhorn_iterations,
-        usage_prior=usage_prior,
     )

@@ -7,15 +7,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from promptmix._validation import check_int, check_labels, check_rank
+from promptmix._validation import check_finite, check_int, check_labels, check_rank
 from promptmix.functional._common import _unit
+
+__all__ = ["KMeansResult", "kmeans_subprompts", "spherical_kmeans"]
 
 
 class KMeansResult(NamedTuple):
     """Output of `spherical_kmeans`.
 
     Attributes:
-        centroids: `(n_clusters, dim)` unit-norm centroids.
+        centroids: `(n_subprompts, dim)` unit-norm centroids.
         assignments: `(n,)` cluster of each point.
         objective: 0-dim tensor, $\\sum_i \\cos(x_i, \\mu_{a_i})$ (higher is better).
     """
@@ -25,12 +27,12 @@ class KMeansResult(NamedTuple):
     objective: Tensor
 
 
-def _seed_centroids(points: Tensor, n_clusters: int, generator: torch.Generator | None) -> Tensor:
+def _seed_centroids(points: Tensor, n_subprompts: int, generator: torch.Generator | None) -> Tensor:
     """k-means++ on the sphere: each next seed drawn with probability ∝ its distance `1 - cos`."""
     first = torch.randint(len(points), (1,), generator=generator).item()
     chosen = [int(first)]
     distance = (1 - points @ points[chosen[0]]).clamp_min(0)
-    for _ in range(1, n_clusters):
+    for _ in range(1, n_subprompts):
         if float(distance.sum()) <= 0:  # every point already is a seed: take any other one
             weights = torch.ones_like(distance)
             weights[chosen] = 0
@@ -59,10 +61,26 @@ def _lloyd(points: Tensor, centroids: Tensor, iterations: int) -> KMeansResult:
     return KMeansResult(centroids, assignments, best.sum())
 
 
+def _check_points(name: str, features: Tensor) -> None:
+    """k-means reads its points on the host anyway: non-finite or zero rows raise on any device."""
+    if features.shape[-1] < 1:
+        raise ValueError(
+            f"{name} must have shape (n, dim) with dim >= 1 but has shape {tuple(features.shape)}."
+        )
+    check_finite(name, features)
+    zero = (features.detach() == 0).all(dim=-1)
+    if bool(zero.any()):
+        rows = zero.nonzero().flatten().tolist()
+        raise ValueError(
+            f"{name} must have no zero rows (a zero vector has no direction to cluster) but rows "
+            f"{rows[:10]}{' ...' if len(rows) > 10 else ''} are zero."
+        )
+
+
 def spherical_kmeans(
     features: Tensor,
-    n_clusters: int,
     *,
+    n_subprompts: int,
     iterations: int = 30,
     restarts: int = 4,
     generator: torch.Generator | None = None,
@@ -81,8 +99,8 @@ def spherical_kmeans(
     is returned.
 
     Args:
-        features: `(n, dim)` points, normalised or not (a zero vector joins any cluster).
-        n_clusters: `k`, `1 <= k <= n`.
+        features: `(n, dim)` points, normalised or not; finite and non-zero.
+        n_subprompts: `k`, the number of clusters (one per sub-prompt), `1 <= k <= n`.
         iterations: Lloyd rounds per restart, `>= 0` (0 returns the seeds).
         restarts: independent seedings, `>= 1`.
         generator: random generator for the seeds.
@@ -91,26 +109,32 @@ def spherical_kmeans(
         A `KMeansResult` `(centroids (k, dim), assignments (n,), objective)` in the dtype of
         `features`, computed in float32 (or float64 for float64 input).
 
+    Raises:
+        ValueError: On NaN, inf or zero rows in `features` (k-means reads them on the host, so
+            on every device), or `n_subprompts` larger than the number of points.
+
     Examples:
         >>> points = torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]])
-        >>> result = spherical_kmeans(points, 2, generator=torch.Generator().manual_seed(0))
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> result = spherical_kmeans(points, n_subprompts=2, generator=generator)
         >>> sorted(result.centroids.round(decimals=3).tolist())
         [[0.0, 1.0], [1.0, 0.0]]
     """
     check_rank("features", features, (2,), "(n, dim)")
     count = features.shape[0]
-    check_int("n_clusters", n_clusters, minimum=1)
-    if n_clusters > count:
+    check_int("n_subprompts", n_subprompts, minimum=1)
+    if n_subprompts > count:
         raise ValueError(
-            f"n_clusters must be <= the number of points ({count}) but is {n_clusters}."
+            f"n_subprompts must be <= the number of points ({count}) but is {n_subprompts}."
         )
+    _check_points("features", features)
     check_int("iterations", iterations, minimum=0)
     check_int("restarts", restarts, minimum=1)
     work_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     points = _unit(features.detach().to(work_dtype))
     best: KMeansResult | None = None
     for _ in range(restarts):
-        result = _lloyd(points, _seed_centroids(points, n_clusters, generator), iterations)
+        result = _lloyd(points, _seed_centroids(points, n_subprompts, generator), iterations)
         if best is None or result.objective > best.objective:
             best = result
     assert best is not None
@@ -142,7 +166,8 @@ def kmeans_subprompts(
     image gets zero rows; `promptmix.initialize_from_kmeans` leaves such classes as they are.
 
     Args:
-        image_features: `(n, dim)` training image features, normalised or not.
+        image_features: `(n, dim)` training image features, normalised or not; finite and
+            non-zero (a zero feature has no look to start from).
         labels: `(n,)` integer class of each image, in `[0, num_classes)`.
         num_classes: number of classes `C >= 1`.
         n_subprompts: `K >= 1`.
@@ -153,6 +178,10 @@ def kmeans_subprompts(
     Returns:
         `(num_classes, K, dim)` unit-norm centroids (zero rows for classes without images), in
         the dtype and on the device of `image_features`.
+
+    Raises:
+        ValueError: On NaN, inf or zero rows in `image_features`, or labels outside
+            `[0, num_classes)` (on every device: k-means reads its inputs on the host).
 
     Examples:
         >>> images = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [1.0, 1.0]])
@@ -166,9 +195,16 @@ def kmeans_subprompts(
     check_rank("image_features", image_features, (2,), "(n, dim)")
     check_int("num_classes", num_classes, minimum=1)
     check_int("n_subprompts", n_subprompts, minimum=1)
-    check_labels("labels", labels, image_features.shape[0], num_classes)
+    labels = check_labels("labels", labels, image_features.shape[0], None)
+    if labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {num_classes - 1}] but ranges over [{low}, {high}]."
+            )
     check_int("iterations", iterations, minimum=0)
     check_int("restarts", restarts, minimum=1)
+    _check_points("image_features", image_features)
     dim = image_features.shape[1]
     out = image_features.new_zeros(num_classes, n_subprompts, dim)
     for label in range(num_classes):
@@ -180,7 +216,11 @@ def kmeans_subprompts(
             out[label] = _unit(points.detach())[repeats]
             continue
         result = spherical_kmeans(
-            points, n_subprompts, iterations=iterations, restarts=restarts, generator=generator
+            points,
+            n_subprompts=n_subprompts,
+            iterations=iterations,
+            restarts=restarts,
+            generator=generator,
         )
         sizes = torch.bincount(result.assignments, minlength=n_subprompts)
         order = torch.sort(sizes, descending=True, stable=True).indices

@@ -5,14 +5,16 @@ from __future__ import annotations
 import math
 
 from promptmix._validation import check_choice, check_int, check_positive
-from promptmix.functional._common import SCHEDULE_KINDS, ScheduleKind
+from promptmix.functional._common import DEFAULT_TAU, SCHEDULE_KINDS, ScheduleKind
+
+__all__ = ["temperature_at"]
 
 
 def temperature_at(
-    step: int,
     *,
+    step: int,
     start: float = 1.0,
-    end: float = 0.3,
+    end: float = DEFAULT_TAU,
     total_steps: int,
     kind: ScheduleKind = "linear",
     warmup_steps: int = 0,
@@ -37,7 +39,7 @@ def temperature_at(
         `tau` as a Python float: exactly `start` at step 0, exactly `end` at `total_steps`.
 
     Examples:
-        >>> [round(temperature_at(s, start=1.0, end=0.3, total_steps=4), 3) for s in range(6)]
+        >>> [round(temperature_at(step=s, total_steps=4), 3) for s in range(6)]
         [1.0, 0.825, 0.65, 0.475, 0.3, 0.3]
     """
     check_int("step", step, minimum=0)

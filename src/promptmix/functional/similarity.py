@@ -9,6 +9,7 @@ from einops import einsum
 from torch import Tensor
 
 from promptmix._validation import (
+    as_subprompts,
     check_choice,
     check_labels,
     check_logit_scale,
@@ -21,14 +22,28 @@ from promptmix._validation import (
     nan_where,
     reads_host,
 )
-from promptmix.functional._common import AGGREGATIONS, SUBPROMPT_SHAPE, Aggregation, _unit
+from promptmix.functional._common import (
+    AGGREGATIONS,
+    DEFAULT_LOGIT_SCALE,
+    DEFAULT_TAU,
+    Aggregation,
+    _unit,
+)
+
+__all__ = [
+    "class_logits",
+    "own_class_similarities",
+    "pairwise_cosine",
+    "subprompt_similarities",
+]
 
 
 def pairwise_cosine(subprompt_features: Tensor) -> Tensor:
     """Cosine similarity between every pair of a class's sub-prompts.
 
     Args:
-        subprompt_features: `(num_classes, K, dim)` sub-prompt features, normalised or not.
+        subprompt_features: `(num_classes, K, dim)` sub-prompt features, normalised or not
+            (`(num_classes, dim)`: `K = 1`).
 
     Returns:
         `(num_classes, K, K)` cosine similarities; the diagonal is 1 (0 for a zero vector).
@@ -38,9 +53,7 @@ def pairwise_cosine(subprompt_features: Tensor) -> Tensor:
         tensor([[[1., 0.],
                  [0., 1.]]])
     """
-    check_rank("subprompt_features", subprompt_features, (3,), SUBPROMPT_SHAPE)
-    check_subprompts("subprompt_features", subprompt_features, 1)
-    normed = _unit(subprompt_features)
+    normed = _unit(as_subprompts("subprompt_features", subprompt_features))
     return einsum(normed, normed, "c i d, c j d -> c i j")
 
 
@@ -49,7 +62,7 @@ def subprompt_similarities(image_features: Tensor, subprompt_features: Tensor) -
 
     Args:
         image_features: `(batch, dim)`.
-        subprompt_features: `(num_classes, K, dim)`.
+        subprompt_features: `(num_classes, K, dim)` (`(num_classes, dim)`: `K = 1`).
 
     Returns:
         `(batch, num_classes, K)`.
@@ -57,8 +70,10 @@ def subprompt_similarities(image_features: Tensor, subprompt_features: Tensor) -
     Examples:
         >>> subprompt_similarities(torch.ones(5, 8), torch.ones(3, 2, 8)).shape
         torch.Size([5, 3, 2])
+        >>> subprompt_similarities(torch.ones(5, 8), torch.ones(3, 8)).shape  # one prompt each
+        torch.Size([5, 3, 1])
     """
-    _check_features(image_features, subprompt_features)
+    subprompt_features = _check_features(image_features, subprompt_features)
     images = _unit(image_features)
     prompts = _unit(subprompt_features)
     return einsum(images, prompts.to(images.dtype), "b d, c k d -> b c k")
@@ -72,14 +87,14 @@ def own_class_similarities(
     Args:
         image_features: `(batch, dim)`.
         subprompt_features: `(num_classes, K, dim)` with `labels`, or `(batch, K, dim)`
-            already gathered per image when `labels` is `None`.
+            already gathered per image when `labels` is `None` (`(rows, dim)`: `K = 1`).
         labels: `(batch,)` integer class of each image, or `None`.
 
     Returns:
         `(batch, K)`; a row is NaN where its features hold NaN or inf, or (on tensors whose
         values are not read on the host, see `docs/reliability.md`) its label is out of range.
     """
-    _check_features(image_features, subprompt_features)
+    subprompt_features = _check_features(image_features, subprompt_features)
     batch = image_features.shape[0]
     invalid: Tensor | None = None
     if labels is None:
@@ -105,26 +120,26 @@ def own_class_similarities(
     return similarities
 
 
-def _check_features(image_features: Tensor, subprompt_features: Tensor) -> None:
-    """Ranks, `K >= 1` and a shared feature dimension of images and sub-prompts."""
+def _check_features(image_features: Tensor, subprompt_features: Tensor) -> Tensor:
+    """Ranks, `K >= 1` and a shared feature dimension; the sub-prompts as `(C, K, D)`."""
     check_rank("image_features", image_features, (2,), "(batch, dim)")
-    check_rank("subprompt_features", subprompt_features, (3,), SUBPROMPT_SHAPE)
-    check_subprompts("subprompt_features", subprompt_features, 1)
-    if image_features.shape[-1] != subprompt_features.shape[-1]:
+    prompts = as_subprompts("subprompt_features", subprompt_features)
+    if image_features.shape[-1] != prompts.shape[-1]:
         raise ValueError(
             f"image_features and subprompt_features must share the last dimension, but "
             f"image_features has dim {image_features.shape[-1]} and subprompt_features has "
             f"dim {subprompt_features.shape[-1]}."
         )
+    return prompts
 
 
 def class_logits(
     similarities: Tensor,
     *,
-    logit_scale: float | Tensor = 100.0,
+    logit_scale: float | Tensor = DEFAULT_LOGIT_SCALE,
     aggregation: Aggregation = "logsumexp",
-    tau: float = 1.0,
-    assigner_scale: float = 100.0,
+    tau: float = DEFAULT_TAU,
+    assignment_logit_scale: float = DEFAULT_LOGIT_SCALE,
 ) -> Tensor:
     r"""Classification logits that pool each class's K sub-prompt similarities.
 
@@ -136,7 +151,7 @@ def class_logits(
     - `"max"`: $s \max_k \cos_{bck}$: only the best sub-prompt gets gradient.
     - `"mean"`: $s \frac{1}{K}\sum_k \cos_{bck}$: the averaged prompt ensemble.
     - `"responsibility"`: $s \sum_k \gamma_{bck} \cos_{bck}$ with weights
-      `softmax(assigner_scale * cos / tau)` treated as constants (an E-step).
+      `softmax(assignment_logit_scale * cos / tau)` treated as constants (an E-step).
 
     Args:
         similarities: `(batch, num_classes, K)` cosines from `subprompt_similarities`.
@@ -145,7 +160,8 @@ def class_logits(
             the host for free (CPU), NaN logits otherwise.
         aggregation: `"logsumexp"`, `"max"`, `"mean"` or `"responsibility"`.
         tau: temperature of the `"responsibility"` weights.
-        assigner_scale: similarity scale of the `"responsibility"` weights.
+        assignment_logit_scale: the E-step's cosine-to-logit factor for the `"responsibility"`
+            weights (the `logit_scale` of `SoftEMAssigner`), distinct from the classifier's.
 
     Returns:
         `(batch, num_classes)` logits.
@@ -169,8 +185,8 @@ def class_logits(
     if aggregation == "mean":
         return scaled.mean(dim=-1)
     check_positive("tau", tau)
-    check_positive("assigner_scale", assigner_scale)
-    ratio = check_score_range(tau, assigner_scale)
+    check_positive("assignment_logit_scale", assignment_logit_scale)
+    ratio = check_score_range(tau, assignment_logit_scale)
     weights = torch.softmax(similarities.detach().float() * ratio, dim=-1).to(scaled.dtype)
     return (weights * scaled).sum(dim=-1)
 
