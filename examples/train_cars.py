@@ -105,15 +105,17 @@ def build_loss(cfg: DictConfig, clip: Clip, classnames: list[str], n_subprompts:
         assigner = promptmix.SoftEMAssigner(
             **given(mode=m.assignment, sinkhorn_iterations=m.sinkhorn_iterations),
             sync_distributed=sync)
-    # A running usage estimate per class (docs/own_loop.md), in the loss's own mode unless set.
-    entropy = promptmix.AssignmentEntropy(
-        m.entropy_mode or promptmix.MixtureOfPromptsLoss().entropy.mode,
-        num_classes=len(classnames), n_subprompts=n_subprompts, sync_distributed=sync)
+    entropy = None
+    if m.entropy_mode is not None:
+        entropy = promptmix.AssignmentEntropy(mode=m.entropy_mode, sync_distributed=sync)
     return promptmix.MixtureOfPromptsLoss(
         **given(mixture_weight=m.mixture_loss_weight, diversity_weight=m.diversity_loss_weight,
                 entropy_weight=m.entropy_loss_weight, aggregation=m.aggregation,
-                assigner=assigner),
-        tau=tau, entropy=entropy, sync_distributed=sync,
+                assigner=assigner, entropy=entropy),
+        tau=tau, sync_distributed=sync,
+        # The running usage of each class's sub-prompts, as the docs' own loop keeps it.
+        usage_estimate=promptmix.UsageEstimate(num_classes=len(classnames),
+                                               n_subprompts=n_subprompts),
         regularizers=build_regularizers(cfg, clip, classnames) if regularize else None)
 
 
@@ -128,7 +130,8 @@ def build_regularizers(cfg: DictConfig, clip: Clip, classnames: list[str]) -> di
             **given(distance=m.anchor_distance), anchor_features=ensemble), m.anchor_loss_weight)
     if m.zero_shot_loss_weight:  # PromptSRC, ProGrad
         terms["zero_shot"] = (promptmix.ZeroShotConsistency(
-            **given(temperature=m.zero_shot_temperature, reduction=m.zero_shot_reduction),
+            **given(temperature=m.zero_shot_temperature, reduction=m.zero_shot_reduction,
+                    average_over_classes=m.zero_shot_average_over_classes),
             zero_shot_text_features=ensemble, logit_scale=clip.logit_scale),
             m.zero_shot_loss_weight)
     if m.text_to_text_loss_weight:  # LASP
@@ -179,13 +182,14 @@ def evaluate(cfg: DictConfig, loss_fn: promptmix.MixtureOfPromptsLoss, logit_sca
     """
     logits = [loss_fn.logits(x, subprompts, logit_scale=logit_scale) for x in features.split(1024)]
     predictions = torch.cat(logits).argmax(dim=-1)
-    assigner = promptmix.SoftEMAssigner("soft", scale=loss_fn.assigner.scale)
+    assigner = promptmix.SoftEMAssigner(mode="soft", logit_scale=loss_fn.assigner.logit_scale)
     responsibilities = assigner(features, subprompts, labels, tau=loss_fn.current_tau())
     report = promptmix.detect_collapse(
         subprompts, responsibilities, labels,
         cosine_threshold=cfg.output.collapse_cosine_threshold,
         share_threshold=cfg.output.collapse_share_threshold)
-    usage = promptmix.diagnostics.subprompt_usage(responsibilities, labels, len(subprompts))
+    usage = promptmix.diagnostics.subprompt_usage(responsibilities, labels,
+                                                  num_classes=len(subprompts))
     share = promptmix.diagnostics.dominant_share(usage)
     accuracy = 100.0 * (predictions == labels).float().mean().item()
     return {"accuracy": accuracy, "report": report, "summary": files.summary(report),
@@ -249,8 +253,9 @@ def train(cfg: DictConfig, runtime: distributed.Runtime, run_log: files.RunLog,
     parts = {"objective": loss_fn, "optimizer": optimizer, "scheduler": lr_schedule,
              "scaler": scaler}
     if cfg.model.prompt_averaging:  # PromptSRC: a Gaussian-weighted average over the epochs
-        parts["prompt_average"] = promptmix.GaussianPromptAverage(learner, t.epochs, **given(
-            mean=cfg.model.prompt_averaging_mean, std=cfg.model.prompt_averaging_std))
+        parts["prompt_average"] = promptmix.GaussianPromptAverage(
+            learner, total_epochs=t.epochs,
+            **given(mean=cfg.model.prompt_averaging_mean, std=cfg.model.prompt_averaging_std))
     checkpoints = files.Checkpoints(folder.checkpoint, learner, parts, runtime, {
         "total_steps": total_steps, "config": OmegaConf.to_container(cfg),
         "classnames": data.classnames, "train_files": data.train_files()})

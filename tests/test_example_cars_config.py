@@ -19,8 +19,8 @@ LIBRARY_OPTIONS = (
     "gradient_checkpointing", "em_tau_start", "em_tau_end", "em_tau_schedule", "assignment",
     "sinkhorn_iterations", "entropy_mode", "aggregation", "mixture_loss_weight",
     "diversity_loss_weight", "entropy_loss_weight", "anchor_distance", "zero_shot_temperature",
-    "zero_shot_reduction", "text_to_text_noise_std", "dispersion_bandwidth", "prograd_strength",
-    "prompt_averaging_mean", "prompt_averaging_std",
+    "zero_shot_reduction", "zero_shot_average_over_classes", "text_to_text_noise_std",
+    "dispersion_bandwidth", "prograd_strength", "prompt_averaging_mean", "prompt_averaging_std",
 )
 
 
@@ -102,7 +102,7 @@ def test_unknown_key_is_named_with_the_closest_valid_key(
         ("train.epochs=0", "train.epochs: expected an integer >= 1, got 0"),
         ("model.em_tau_end=0", "model.em_tau_end: expected a finite number > 0, got 0.0"),
         ("train.shots", "overrides: expected key=value, got train.shots"),
-        ("model.zero_shot_reduction=none", "expected one of batchmean, mean, sum, got 'none'"),
+        ("model.zero_shot_reduction=none", "expected one of mean, sum, got 'none'"),
         ("train.warmup_epochs=60", "train.warmup_epochs: expected at most train.epochs (50)"),
         ("model.prograd=true", "model.prograd: expected false unless model.zero_shot_loss_weight"),
     ],
@@ -195,9 +195,18 @@ def test_failed_download_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "model.pretrained=/path/to/" in message
 
 
-def test_rising_temperature_schedule_warns() -> None:
-    with pytest.warns(UserWarning, match=r"model.em_tau_start \(0.05\) is below model.em_tau_end"):
-        cars_config.load(None, ["model.em_tau_start=0.05", "model.em_tau_end=1.0"])
+def test_rising_temperature_schedule_warns(caplog: pytest.LogCaptureFixture) -> None:
+    cars_config.load(None, ["model.em_tau_start=0.05", "model.em_tau_end=1.0"])
+    assert "model.em_tau_start (0.05) is below model.em_tau_end (1.0)" in caplog.text
+
+
+def test_an_old_spelling_keeps_working_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = cars_config.load(None, ["model.zero_shot_reduction=batchmean"])
+    assert cfg.model.zero_shot_reduction == "mean"
+    assert "model.zero_shot_reduction=batchmean in the command line is an old spelling" in (
+        caplog.text)
+    cars_config.load(None, ["model.zero_shot_reduction=mean", "model.zero_shot_loss_weight=1"])
+    assert "(the old 'mean') is model.zero_shot_average_over_classes=true" in caplog.text
 
 
 def test_unset_options_are_not_passed_so_the_library_defaults_apply() -> None:

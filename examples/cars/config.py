@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import logging
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,6 +32,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 import promptmix.functional as PF
 from cars import UsageError
+
+logger = logging.getLogger(__name__)
 
 #: ``model.clip_name`` of the small random-init CLIP that ``--demo`` and the tests build.
 TINY_CLIP_NAME = "tiny-random"
@@ -70,6 +72,7 @@ class ModelConfig:
     zero_shot_loss_weight: float = 0.0
     zero_shot_temperature: float | None = None
     zero_shot_reduction: str | None = None
+    zero_shot_average_over_classes: bool | None = None
     text_to_text_loss_weight: float = 0.0
     text_to_text_noise_std: float | None = None
     dispersion_loss_weight: float = 0.0
@@ -145,12 +148,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.aggregation": PF.AGGREGATIONS,
     "model.anchor_distance": PF.ANCHOR_DISTANCES,
     # A regularizer must return one number: not the per-sample "none".
-    "model.zero_shot_reduction": tuple(r for r in PF.KL_REDUCTIONS if r != "none"),
+    "model.zero_shot_reduction": tuple(r for r in PF.REDUCTIONS if r != "none"),
     "data.layout": ("auto", "original", "coop", "folders"),
     "data.subsample_classes": ("all", "base", "new"),
     "train.optimizer": ("sgd", "adamw"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
+}
+
+#: Old spellings of values, still read, with a warning: ``(key, old value): new value``.
+OLD_VALUES: dict[tuple[str, Any], Any] = {
+    # promptmix 1.0 has one reduction vocabulary: KL's "batchmean" is its "mean".
+    ("model.zero_shot_reduction", "batchmean"): "mean",
 }
 
 Check = tuple[str, Callable[[Any], bool], str]
@@ -290,6 +299,10 @@ def _set(cfg: DictConfig, key: str, value: Any, source: str, errors: list[str]) 
     if key not in _schema_keys():
         errors.append(f"unknown key '{key}' in {source}.{_suggest(key)}")
         return
+    if isinstance(value, str) and (key, value) in OLD_VALUES:
+        logger.warning("%s=%s in %s is an old spelling: read as %s=%s", key, value, source, key,
+                       OLD_VALUES[key, value])
+        value = OLD_VALUES[key, value]
     try:
         OmegaConf.update(cfg, key, value, merge=False)
     except OmegaConfBaseException as error:
@@ -398,12 +411,14 @@ def check(cfg: DictConfig) -> list[str]:
     errors += _context_length(model)
     tau = (model.em_tau_start, model.em_tau_end)
     if None not in tau and tau[0] < tau[1]:
-        warnings.warn(
-            f"model.em_tau_start ({tau[0]}) is below model.em_tau_end ({tau[1]}): the E-step "
-            "temperature rises during training. Swap them unless you mean it.",
-            UserWarning,
-            stacklevel=3,
-        )
+        logger.warning("model.em_tau_start (%s) is below model.em_tau_end (%s): the E-step "
+                       "temperature rises during training; swap them unless you mean it", *tau)
+    if model.zero_shot_loss_weight and model.zero_shot_reduction == "mean" and (
+        model.zero_shot_average_over_classes is None
+    ):
+        logger.warning("model.zero_shot_reduction=mean is the batch mean since promptmix 1.0; "
+                       "PromptSRC's division by batch x classes (the old 'mean') is "
+                       "model.zero_shot_average_over_classes=true")
     return errors
 
 
