@@ -173,8 +173,8 @@ def subprompt_features(learner: nn.Module, device: torch.device, amp: Any) -> to
 
 @torch.no_grad()
 def evaluate(cfg: DictConfig, loss_fn: promptmix.MixtureOfPromptsLoss, logit_scale: float,
-             classnames: list[str], subprompts: torch.Tensor, features: torch.Tensor,
-             labels: torch.Tensor) -> dict[str, Any]:
+             subprompts: torch.Tensor, features: torch.Tensor, labels: torch.Tensor,
+             ) -> dict[str, Any]:
     """Top-1 accuracy of the mixture's classifier on ``features``, and the collapse diagnostics.
 
     Usage is measured with the soft E-step at the current tau whatever the training E-step is,
@@ -191,9 +191,10 @@ def evaluate(cfg: DictConfig, loss_fn: promptmix.MixtureOfPromptsLoss, logit_sca
     usage = promptmix.diagnostics.subprompt_usage(responsibilities, labels,
                                                   num_classes=len(subprompts))
     share = promptmix.diagnostics.dominant_share(usage)
+    cosine = promptmix.diagnostics.mean_pairwise_cosine(subprompts)
     accuracy = 100.0 * (predictions == labels).float().mean().item()
     return {"accuracy": accuracy, "report": report, "summary": files.summary(report),
-            "collapse": files.collapse_line(report, share, classnames), "class_share": share,
+            "collapse": files.collapse_line(report, share, cosine), "class_share": share,
             "predictions": predictions, "responsibilities": responsibilities}
 
 
@@ -262,7 +263,7 @@ def train(cfg: DictConfig, runtime: distributed.Runtime, run_log: files.RunLog,
     epoch, step = checkpoints.restore(checkpoint, resume) if checkpoint else (0, 0)  # type: ignore
 
     # Everything is checked: from here on the run writes into its folder.
-    score = functools.partial(evaluate, cfg, loss_fn, clip.logit_scale, data.classnames)
+    score = functools.partial(evaluate, cfg, loss_fn, clip.logit_scale)
     if runtime.is_main:
         files.write_text(folder.config, to_yaml(cfg))
         run_log.write_to(folder.log, since=log_since)
@@ -407,7 +408,7 @@ def evaluate_checkpoint(args: Any, run_log: files.RunLog) -> dict[str, Any]:
             data.test, runtime, batch_size=cfg.train.encode_batch_size,
             num_workers=cfg.train.num_workers)
         labels = torch.tensor([sample.label for sample in data.test], device=device)
-        result = evaluate(cfg, loss_fn, clip.logit_scale, data.classnames,
+        result = evaluate(cfg, loss_fn, clip.logit_scale,
                           subprompt_features(learner, device, amp), features, labels)
         logger.info("prompts of %s on the %s classes (%d): %s", checkpoint_path,
                     cfg.data.subsample_classes, len(data.classnames), result["report"].message)

@@ -364,16 +364,16 @@ def summary(report: Any) -> dict[str, Any]:
     }
 
 
-def collapse_line(report: Any, share: torch.Tensor, classnames: list[str]) -> str | None:
-    """One short line when classes collapse, naming the worst three (``None`` when none does)."""
+def collapse_line(report: Any, share: torch.Tensor, cosine: torch.Tensor) -> str | None:
+    """One short line when classes collapse: how many, and the worst three by dominant share
+    and sub-prompt cosine (``None`` when no class does)."""
     if not report.collapsed:
         return None
-    worst = sorted(report.collapsed_classes, key=lambda c: -share[c].nan_to_num(1.0))[:3]
-    named = ", ".join(f"{c} '{classnames[c][:20]}' ({report.reasons[c][0]})" for c in worst)
-    return (
-        f"collapse in {len(report.collapsed_classes)}/{len(classnames)} classes, e.g. {named}; "
-        "all of them in train.log"
-    )
+    worst = sorted(report.collapsed_classes,
+                   key=lambda c: -max(share[c].nan_to_num(1.0), cosine[c].nan_to_num(1.0)))[:3]
+    named = ", ".join(f"{c} (share {share[c]:.2f}, |cos| {cosine[c]:.2f})" for c in worst)
+    return (f"collapse in {len(report.collapsed_classes)}/{len(share)} classes, worst {named}; "
+            "each class in train.log")
 
 
 FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
