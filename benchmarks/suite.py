@@ -1,299 +1,399 @@
-"""Benchmark suite: does a mixture of prompts pay for itself on classes that look several ways?
+"""Benchmark suite: does a mixture of prompts beat one prompt, on data shaped like users' data?
 
-Synthetic worlds (`suite_worlds.py`) × seeds × learners. In every world and for every learner the
-suite trains a few recipes of `promptmix.MixtureOfPromptsLoss` and measures them beside the
-references: one prompt per class, the uncured mixture (τ 1 → 0.05, no regularisers, sub-prompts
-at the class text feature + noise), per-class spherical k-means of the training images (the
-target) and the true look centres (the upper bound). On held-out images it measures accuracy
-(with the loss's own `logits()`), the agreement of each image's sub-prompt with its true look
-(NMI, per class, averaged), the dominant sub-prompt's share, the share of classes
-`promptmix.detect_collapse` flags, and the sub-prompts' mean pairwise cosine.
+Two families of synthetic worlds, each × 3 seeds:
+
+- **fine-grained** (`fine_worlds.py`): 128 car-like classes (32 makes × 4 models) with close text
+  features, CLIP-like cosines, four looks mostly common to all classes (40/30/20/10 %), 1 to 16
+  shots; three looks at 32 shots, with 10 % flipped labels or 10 % outliers; looks of each class
+  alone. Learners: `OffsetMixtureOfPrompts` everywhere, `MixtureOfPrompts` through a tiny
+  pre-trained text tower in two worlds.
+- **per-class looks** (`suite_worlds.py`): 16 classes whose looks are mostly their own.
+
+In every world the **recommended recipe** (the learner's and the loss's defaults plus
+`initialize_from_kmeans`, trained by the docs' own loop) is measured beside strong references:
+zero-shot text, one prompt per class trained with cross-entropy from the text (CoOp; its
+learning rate chosen on held-out shots), one prompt + `PromptAnchor` (KgCoOp), the class-mean
+prototype and per-class k-means (training-free), the uncured mixture, the 0.1 recipe, and the
+true look centres (the bound). Accuracy comes from the loss's own `logits()`; NMI compares each
+held-out image's best sub-prompt with its true look, per class.
 
 Usage:
 
-    python benchmarks/suite.py                 # the table and plots in docs/suite (~5 min)
-    python benchmarks/suite.py --levers        # plus one lever at a time on the acceptance worlds
-    python benchmarks/suite.py --quick         # one world, one seed, short training (seconds)
-    python benchmarks/suite.py --worlds imbalanced --seeds 0 --recipes "defaults, text init"
+    python benchmarks/suite.py            # every world, seeds 0 1 2, levers: docs/suite (~12 min)
+    python benchmarks/suite.py --quick    # one world, one seed, short training (seconds)
+    python benchmarks/suite.py --worlds "fine 16 shots" --seeds 0 --out /tmp/s
 
-Only full runs (all worlds, seeds 0 1 2) write into docs/suite; others write to `--out` or a
-temporary folder.
+Only full runs write into docs/suite; others write to `--out` or a temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from fine_worlds import FineSpec, FineWorld, classnames, pretrained_clip
 from sklearn.metrics import normalized_mutual_info_score
-from suite_worlds import WORLDS, Samples, World, WorldSpec, split_counts, synthetic_text_features
+from suite_worlds import WORLDS as CLASS_WORLDS
+from suite_worlds import World, WorldSpec, split_counts
 from torch import Tensor, nn
 
 import promptmix
 from promptmix import (
-    AssignmentEntropy,
-    DiversityLoss,
     MixtureOfPrompts,
     MixtureOfPromptsLoss,
     OffsetMixtureOfPrompts,
-    SoftEMAssigner,
-    SubpromptReviver,
+    PromptAnchor,
     TemperatureSchedule,
-    UsageEstimate,
-    UsageFloor,
     diagnostics,
     initialize_from_kmeans,
 )
 from promptmix import functional as PF
 
 DOCS_OUT = Path(__file__).resolve().parents[1] / "docs" / "suite"
-LEARNERS = ("free", "offset", "mixture")
-MAKES = ("Aurora", "Bexley", "Corvan", "Dunmore", "Elstar", "Fenwick", "Galt", "Harlow")
-BODIES = ("Sedan", "Coupe", "SUV", "Convertible", "Hatchback", "Wagon", "Minivan", "Cab")
+LEARNERS = ("offset", "mixture")
+TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
 
 
 @dataclass(frozen=True)
 class Training:
-    """Optimiser settings shared by every recipe."""
+    """The docs' own loop: Adam, a batch of shots per step, the schedule stepped each step."""
 
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 128
-    lr: float = 2e-3
-    mixture_steps: int = 150  # the text-tower learner is ~20x slower per step
-    init_noise_std: float = 0.1
+    lr: float = 5e-3
+    lr_choices: tuple[float, ...] = (2e-3, 5e-3, 1e-2)  # CoOp's, chosen on held-out shots
+    # MixtureOfPrompts learns token embeddings through the tower, ~100x slower per step.
+    mixture_steps: int = 40
+    mixture_lr: float = 1e-3
+    mixture_lr_choices: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """A configuration of `MixtureOfPromptsLoss` and of the learner's initialisation.
+# --------------------------------------------------------------------------- worlds
 
-    `None` takes the library's default, so the "defaults" recipes follow the library.
-    """
-
-    name: str
-    init: str = "kmeans"  # "kmeans" (data-driven) or "text" (class text feature + noise)
-    k: int | None = None  # None: the world's K
-    mixture_weight: float | None = None
-    diversity_weight: float | None = None
-    diversity_margin: float | None = None
-    entropy_weight: float | None = None
-    entropy_mode: str | None = None
-    assignment: str | None = None
-    scale: float | None = None
-    tau_start: float | None = None
-    tau_end: float | None = None
-    floor: float = 0.0  # UsageFloor weight (0: off)
-    revive_every: int = 0  # steps between SubpromptReviver splits (0: off)
-
-    def loss(self, num_classes: int, k: int, steps: int) -> MixtureOfPromptsLoss:
-        schedule = TemperatureSchedule(total_steps=steps)
-        start = self.tau_start if self.tau_start is not None else schedule.start
-        end = self.tau_end if self.tau_end is not None else schedule.end
-        assigner = SoftEMAssigner()
-        mode = self.entropy_mode or AssignmentEntropy().mode
-        entropy = AssignmentEntropy(mode=mode)  # type: ignore[arg-type]
-        usage = None if mode == "sample" else UsageEstimate(num_classes=num_classes, n_subprompts=k)
-        diversity = DiversityLoss()
-        # A weight left as None keeps the loss's own default.
-        weights = {
-            name: value
-            for name, value in (
-                ("mixture_weight", self.mixture_weight),
-                ("diversity_weight", self.diversity_weight),
-                ("entropy_weight", self.entropy_weight),
-            )
-            if value is not None
-        }
-        return MixtureOfPromptsLoss(
-            **weights,
-            tau=TemperatureSchedule(start=start, end=end, total_steps=steps),
-            assigner=SoftEMAssigner(
-                mode=self.assignment or assigner.mode,  # type: ignore[arg-type]
-                logit_scale=self.scale if self.scale is not None else assigner.logit_scale,
-            ),
-            entropy=entropy,
-            usage_estimate=usage,
-            diversity=DiversityLoss(
-                margin=self.diversity_margin
-                if self.diversity_margin is not None
-                else diversity.margin
-            ),
-            regularizers={
-                "usage": (UsageFloor(), self.floor)
-            }
-            if self.floor
-            else None,
-        )
-
-
-UNCURED = Recipe(
-    "uncured mixture",
-    init="text",
-    mixture_weight=1.0,
-    diversity_weight=0.0,
-    entropy_weight=0.0,
-    tau_start=1.0,
-    tau_end=0.05,
-)
-ONE_PROMPT = Recipe("one prompt per class", k=1)
-DEFAULTS = Recipe("defaults, k-means init")
-DEFAULTS_TEXT = Recipe("defaults, text init", init="text")
-RECIPES = (ONE_PROMPT, UNCURED, DEFAULTS_TEXT, DEFAULTS)
-#: The worlds the levers run on: the issue's acceptance tests, and K above the looks.
-ACCEPTANCE = ("imbalanced", "shared looks", "K=8 on 4")
-
-
-def lever_recipes() -> list[Recipe]:
-    """One knob at a time from the recommendation (the defaults; k-means start unless "text")."""
-    d, t = DEFAULTS, DEFAULTS_TEXT
-    previous = dict(diversity_weight=0.1, entropy_weight=0.3, mixture_weight=1.0)
-    return [
-        replace(d, name="previous defaults (div 0.1, ent 0.3, mix 1)", **previous),
-        replace(t, name="previous defaults, text init", **previous),
-        replace(UNCURED, name="uncured, k-means init", init="kmeans"),
-        replace(d, name="mixture weight 1", mixture_weight=1.0),
-        replace(t, name="text init, mixture weight 1", mixture_weight=1.0),
-        replace(d, name="entropy 0", entropy_weight=0.0),
-        replace(t, name="text init, entropy 0.3", entropy_weight=0.3),
-        replace(t, name="text init, entropy 3", entropy_weight=3.0),
-        replace(d, name="diversity 0.1", diversity_weight=0.1),
-        replace(t, name="text init, τ end 0.05", tau_end=0.05),
-        replace(t, name="text init, τ start 3", tau_start=3.0),
-        replace(d, name="E-step scale 30", scale=30.0),
-        replace(t, name="text init, Sinkhorn E-step", assignment="sinkhorn"),
-        replace(t, name="text init, entropy 0, usage floor 1", entropy_weight=0.0, floor=1.0),
-        replace(t, name="text init, revive every 50", revive_every=50),
-        replace(
-            t, name="text init, entropy 0, revive every 50", entropy_weight=0.0, revive_every=50
+FINE = {
+    spec.name: spec
+    for spec in (
+        FineSpec("fine 1 shot", shots=1, note="one image per class"),
+        FineSpec("fine 2 shots", shots=2, learners=("offset", "mixture")),
+        FineSpec("fine 4 shots", shots=4),
+        FineSpec("fine 8 shots", shots=8),
+        FineSpec(
+            "fine 16 shots", shots=16, learners=("offset", "mixture"), note="the Cars protocol"
         ),
-    ]
-
-
-# --------------------------------------------------------------------------- learners
-
-
-class FreeSubprompts(nn.Module):
-    """Free sub-prompt features `(num_classes, K, dim)`, started at the text features + noise."""
-
-    def __init__(self, text: Tensor, k: int, noise_std: float, generator: torch.Generator):
-        super().__init__()
-        num_classes, dim = text.shape
-        noise = torch.randn(num_classes, k, dim, generator=generator) * (noise_std / dim**0.5)
-        self.features = nn.Parameter(text[:, None] + noise)
-        self.init_noise_std = noise_std
-
-    def forward(self) -> Tensor:
-        return F.normalize(self.features, dim=-1)
-
-
-def classnames(num_classes: int) -> list[str]:
-    """Car-like class names; neighbours share a make or a body, so their text overlaps."""
-    return [
-        f"{MAKES[i % len(MAKES)]} M{i} {BODIES[(i // 2) % len(BODIES)]} {2000 + i % 13}"
-        for i in range(num_classes)
-    ]
-
-
-def tiny_clip(dim: int) -> nn.Module:
-    """A random-init open_clip CLIP small enough for CPU, with `dim`-dimensional features."""
-    return open_clip.CLIP(
-        embed_dim=dim,
-        vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=1, head_width=32),
-        text_cfg=dict(context_length=77, vocab_size=49408, width=min(dim, 128), heads=2, layers=1),
+        FineSpec(
+            "3 looks, 32 shots",
+            n_looks=3,
+            n_subprompts=3,
+            shots=32,
+            look_frequencies=(0.5, 0.3, 0.2),
+        ),
+        FineSpec(
+            "+10 % flipped labels",
+            n_looks=3,
+            n_subprompts=3,
+            shots=32,
+            look_frequencies=(0.5, 0.3, 0.2),
+            flipped_labels=0.1,
+        ),
+        FineSpec(
+            "+10 % outliers",
+            n_looks=3,
+            n_subprompts=3,
+            shots=32,
+            look_frequencies=(0.5, 0.3, 0.2),
+            outliers=0.1,
+        ),
+        FineSpec("looks per class, 16 shots", shots=16, shared_looks=0.0),
     )
+}
+CLASS_LOOKS = ("imbalanced", "shared looks", "K=8 on 4", "K=2 on 4", "4 shots")
+WORLDS: dict[str, FineSpec | WorldSpec] = {
+    **FINE,
+    **{name: replace(CLASS_WORLDS[name], learners=("offset",)) for name in CLASS_LOOKS},
+}
+#: The worlds the levers run on.
+LEVER_WORLDS = ("fine 1 shot", "fine 16 shots", "+10 % flipped labels")
 
 
-def make_learner(
-    learner: str, spec: WorldSpec, k: int, seed: int, training: Training, model: nn.Module | None
-) -> nn.Module:
-    generator = torch.Generator().manual_seed(1000 * seed + k)
-    if learner == "free":
-        text = synthetic_text_features(
-            spec.num_classes, spec.dim, torch.Generator().manual_seed(seed)
-        )
-        return FreeSubprompts(text, k, training.init_noise_std, generator)
-    assert model is not None
-    tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    names = classnames(spec.num_classes)
-    if learner == "offset":
-        return OffsetMixtureOfPrompts(
-            model,
-            tokenizer,
-            names,
-            n_subprompts=k,
-            init_noise_std=training.init_noise_std,
-            generator=generator,
-        )
-    return MixtureOfPrompts(
-        model,
-        tokenizer,
-        names,
-        n_subprompts=k,
-        init_noise_std=training.init_noise_std,
-        chunk_size=None,
-        generator=generator,
-    )
+@dataclass
+class Samples:
+    """Image features `(n, dim)`, their labels `(n,)` and true looks `(n,)` (-1: outlier)."""
+
+    features: Tensor
+    labels: Tensor
+    looks: Tensor
 
 
 @dataclass
 class Setup:
-    """One seed of one world for one learner: the data and a model to build learners from."""
+    """One seed of one world for one learner: the data, the CLIP and the class names."""
 
-    spec: WorldSpec
+    name: str
+    spec: FineSpec | WorldSpec
     learner: str
     seed: int
-    world: World
     train: Samples
     test: Samples
-    model: nn.Module | None
+    centres: Tensor
+    model: nn.Module
+    names: list[str]
 
 
-def make_setup(spec: WorldSpec, learner: str, seed: int, training: Training) -> Setup:
-    model = None
-    if learner != "free":
-        torch.manual_seed(seed)
-        model = tiny_clip(spec.dim)
-    anchor = make_learner(learner, spec, 1, seed, training, model)
-    with torch.no_grad():
-        text = anchor()[:, 0]
+def class_world_names(num_classes: int) -> list[str]:
+    makes = ("Aurora", "Bexley", "Corvan", "Dunmore", "Elstar", "Fenwick", "Galt", "Harlow")
+    bodies = ("Sedan", "Coupe", "SUV", "Convertible", "Hatchback", "Wagon", "Minivan", "Cab")
+    return [f"{makes[i % 8]} M{i} {bodies[(i // 2) % 8]} {2000 + i % 13}" for i in range(num_classes)]
+
+
+def make_setup(name: str, learner: str, seed: int) -> Setup:
+    spec = WORLDS[name]
     generator = torch.Generator().manual_seed(seed)
+    if isinstance(spec, FineSpec):
+        world = FineWorld(spec, seed)
+        names = classnames(spec)
+        model, _ = pretrained_clip(world, names, seed=seed)
+        train = world.sample(spec.shots, generator, corrupt=True)
+        test = world.sample(spec.test_per_class, generator, corrupt=False)
+        return Setup(
+            name,
+            spec,
+            learner,
+            seed,
+            Samples(train.features, train.labels, train.looks),
+            Samples(test.features, test.labels, test.looks),
+            world.look_centres(),
+            model,
+            names,
+        )
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        embed_dim=spec.dim,
+        vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=1, head_width=32),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=1),
+    )
+    names = class_world_names(spec.num_classes)
+    text = OffsetMixtureOfPrompts(model, TOKENIZER, names, n_subprompts=1).text_features[:, 0]
     world = World.draw(spec, text, generator)
+    train, test = world.sample(spec.shots, generator), world.sample(spec.test_per_class, generator)
     return Setup(
+        name,
         spec,
         learner,
         seed,
-        world,
-        world.sample(spec.shots, generator),
-        world.sample(spec.test_per_class, generator),
+        Samples(train.features, train.labels, train.looks),
+        Samples(test.features, test.labels, test.looks),
+        world.look_centres(),
         model,
+        names,
     )
+
+
+# --------------------------------------------------------------------------- contenders
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A learner, a start and a loss, trained by the docs' loop; `None` keeps the default."""
+
+    name: str
+    k: int | None = None  # None: the world's K
+    learner_options: dict[str, object] = field(default_factory=dict)
+    kmeans_start: bool = True  # the one documented call: initialize_from_kmeans
+    init_options: dict[str, object] = field(default_factory=dict)
+    use_prior: bool = True  # pass prompts.prior_loss() to the loss
+    loss_options: dict[str, object] = field(default_factory=dict)
+    tau: tuple[float, float] | None = None  # None: TemperatureSchedule's defaults
+    anchor_weight: float = 0.0  # PromptAnchor to the text features (KgCoOp)
+    select_lr: bool = False  # choose the learning rate on held-out shots
+
+
+CE_ONLY = dict(mixture_weight=0.0, label_noise=0.0)
+RECIPE = Contender("recommended")
+ONE_PROMPT = Contender(
+    "one prompt (CoOp)",
+    k=1,
+    learner_options=dict(share_looks=False),
+    kmeans_start=False,
+    use_prior=False,
+    loss_options=CE_ONLY,
+    select_lr=True,
+)
+KGCOOP = replace(ONE_PROMPT, name="one prompt + anchor (KgCoOp)", anchor_weight=8.0, select_lr=False)
+UNCURED = Contender(
+    "uncured mixture",
+    learner_options=dict(share_looks=False),
+    kmeans_start=False,
+    use_prior=False,
+    loss_options=dict(mixture_weight=1.0, entropy_weight=0.0, label_noise=0.0),
+    tau=(1.0, 0.05),
+)
+PREVIOUS = Contender(
+    "0.1 recipe",
+    learner_options=dict(share_looks=False),
+    use_prior=False,
+    loss_options=dict(mixture_weight=10.0, entropy_weight=1.0, label_noise=0.0),
+)
+TRAINED = (ONE_PROMPT, KGCOOP, UNCURED, PREVIOUS, RECIPE)
+ZERO_SHOT, PROTOTYPE, KMEANS, TRUE = (
+    "zero-shot text",
+    "class-mean prototype",
+    "per-class k-means",
+    "true look centres",
+)
+SINGLE = (ZERO_SHOT, ONE_PROMPT.name, KGCOOP.name)
+CONTENDERS = (ZERO_SHOT, PROTOTYPE, KMEANS, *(c.name for c in TRAINED), TRUE)
+MIXTURE_EXTRA: tuple[Contender, ...] = ()
+
+
+def lever_contenders() -> list[Contender]:
+    """One knob at a time from the recommended recipe."""
+    r = RECIPE
+    return [
+        replace(r, name="looks of each class alone", learner_options=dict(share_looks=False)),
+        replace(r, name="start not shrunk (prior_count 0)", init_options=dict(prior_count=0.0)),
+        replace(r, name="text start (no init call)", kmeans_start=False),
+        replace(r, name="no prior", use_prior=False),
+        replace(r, name="no text anchor", learner_options=dict(text_prior_weight=0.0)),
+        replace(r, name="no sub-prompt prior", learner_options=dict(subprompt_prior_weight=0.0)),
+        replace(r, name="EM pull 10", loss_options=dict(mixture_weight=10.0)),
+        replace(r, name="EM pull 0", loss_options=dict(mixture_weight=0.0)),
+        replace(r, name="marginal entropy 1", loss_options=dict(entropy_weight=1.0)),
+        replace(r, name="label noise 0", loss_options=dict(label_noise=0.0)),
+        replace(r, name="τ 1 → 0.05", tau=(1.0, 0.05)),
+    ]
+
+
+def make_learner(contender: Contender, setup: Setup, k: int) -> nn.Module:
+    generator = torch.Generator().manual_seed(1000 * setup.seed + k)
+    options = dict(contender.learner_options)
+    if setup.learner == "offset":
+        return OffsetMixtureOfPrompts(
+            setup.model, TOKENIZER, setup.names, n_subprompts=k, generator=generator, **options
+        )
+    options.pop("share_looks", None)
+    options.pop("text_prior_weight", None)
+    options.pop("subprompt_prior_weight", None)
+    return MixtureOfPrompts(
+        setup.model, TOKENIZER, setup.names, n_subprompts=k, generator=generator, **options
+    )
+
+
+def make_loss(contender: Contender, text: Tensor, steps: int) -> MixtureOfPromptsLoss:
+    schedule = TemperatureSchedule(total_steps=steps)
+    if contender.tau is not None:
+        schedule = TemperatureSchedule(
+            start=contender.tau[0], end=contender.tau[1], total_steps=steps
+        )
+    regularizers = None
+    if contender.anchor_weight:
+        anchor = PromptAnchor(anchor_features=text)
+        regularizers = {"anchor": (anchor, contender.anchor_weight)}
+    return MixtureOfPromptsLoss(
+        tau=schedule,
+        regularizers=regularizers,
+        **contender.loss_options,  # type: ignore[arg-type]
+    )
+
+
+def zero_shot_text(setup: Setup) -> Tensor:
+    """The hand-crafted prompts' features `(num_classes, dim)` ("a photo of a {name}.")."""
+    return OffsetMixtureOfPrompts(
+        setup.model, TOKENIZER, setup.names, n_subprompts=1, share_looks=False
+    ).text_features[:, 0]
+
+
+def fit(
+    contender: Contender, setup: Setup, train: Samples, training: Training, lr: float
+) -> tuple[Tensor, MixtureOfPromptsLoss]:
+    """The docs' loop: learner, the init call, the loss, Adam; the final sub-prompt features."""
+    spec = setup.spec
+    k = contender.k or spec.n_subprompts
+    steps = training.mixture_steps if setup.learner == "mixture" else training.steps
+    learner = make_learner(contender, setup, k)
+    if contender.kmeans_start:
+        initialize_from_kmeans(
+            learner,
+            train.features,
+            train.labels,
+            generator=torch.Generator().manual_seed(setup.seed),
+            **contender.init_options,  # type: ignore[arg-type]
+        )
+    loss_fn = make_loss(contender, zero_shot_text(setup), steps)
+    parameters = [p for p in learner.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    generator = torch.Generator().manual_seed(10_000 + setup.seed)
+    prior = getattr(learner, "prior_loss", None) if contender.use_prior else None
+    for _ in range(steps):
+        batch = torch.randperm(len(train.labels), generator=generator)[: training.batch_size]
+        features = learner()
+        out = loss_fn(
+            train.features[batch],
+            features,
+            train.labels[batch],
+            prior=prior() if prior is not None else None,
+        )
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        assert loss_fn.schedule is not None
+        loss_fn.schedule.step()
+    with torch.no_grad():
+        return learner(), loss_fn
+
+
+def chosen_lr(contender: Contender, setup: Setup, training: Training) -> float:
+    """The learning rate that does best on a held-out quarter of the training shots."""
+    if not contender.select_lr:
+        return training.mixture_lr if setup.learner == "mixture" else training.lr
+    choices = training.mixture_lr_choices if setup.learner == "mixture" else training.lr_choices
+    generator = torch.Generator().manual_seed(20_000 + setup.seed)
+    order = torch.randperm(len(setup.train.labels), generator=generator)
+    held, kept = order[: len(order) // 4], order[len(order) // 4 :]
+
+    def part(index: Tensor) -> Samples:
+        t = setup.train
+        return Samples(t.features[index], t.labels[index], t.looks[index])
+
+    scores = []
+    for lr in choices:
+        features, loss_fn = fit(contender, setup, part(kept), training, lr)
+        scores.append(evaluate(features, part(held), loss_fn)["accuracy"])
+    return choices[int(np.argmax(scores))]
 
 
 # --------------------------------------------------------------------------- evaluation
 
+METRICS = ("accuracy", "nmi", "dominant", "collapsed")
+
 
 @torch.no_grad()
 def evaluate(
-    subprompt_features: Tensor, test: Samples, loss_fn: MixtureOfPromptsLoss
+    subprompt_features: Tensor, test: Samples, loss_fn: MixtureOfPromptsLoss | None = None
 ) -> dict[str, float]:
     """Accuracy (the loss's own `logits()`), NMI with the true looks, usage and collapse."""
+    loss_fn = loss_fn or MixtureOfPromptsLoss()
+    if subprompt_features.dim() == 2:
+        subprompt_features = subprompt_features.unsqueeze(1)
     num_classes, k, _ = subprompt_features.shape
     logits = loss_fn.logits(test.features, subprompt_features)
+    accuracy = (logits.argmax(dim=-1) == test.labels).float().mean().item()
+    if k == 1:
+        return {"accuracy": accuracy, "nmi": math.nan, "dominant": 1.0, "collapsed": math.nan}
     own = PF.own_class_similarities(test.features, subprompt_features, test.labels)
     assigned = own.argmax(dim=-1)
     hard = F.one_hot(assigned, k).float()
     usage = diagnostics.subprompt_usage(hard, test.labels, num_classes=num_classes)
-    shares = diagnostics.dominant_share(usage)
-    cosine = diagnostics.mean_pairwise_cosine(subprompt_features)
     report = promptmix.detect_collapse(subprompt_features, hard, test.labels)
     nmi = [
         normalized_mutual_info_score(
@@ -301,354 +401,110 @@ def evaluate(
         )
         for c in range(num_classes)
     ]
-    many = k > 1
     return {
-        "accuracy": (logits.argmax(dim=-1) == test.labels).float().mean().item(),
+        "accuracy": accuracy,
         "nmi": float(np.mean(nmi)),
-        "dominant": shares.mean().item(),
-        "collapsed": len(report.collapsed_classes) / num_classes if many else float("nan"),
-        "share_collapsed": (shares > 0.9).float().mean().item() if many else float("nan"),
-        "cosine": cosine.mean().item() if many else float("nan"),
-        "max_cosine": cosine.max().item() if many else float("nan"),
+        "dominant": diagnostics.dominant_share(usage).mean().item(),
+        "collapsed": len(report.collapsed_classes) / num_classes,
     }
-
-
-def train(recipe: Recipe, setup: Setup, training: Training) -> dict[str, float]:
-    """Train one recipe's learner on one setup; the held-out metrics at the end."""
-    spec = setup.spec
-    k = recipe.k or spec.n_subprompts
-    steps = training.mixture_steps if setup.learner == "mixture" else training.steps
-    learner = make_learner(setup.learner, spec, k, setup.seed, training, setup.model)
-    if recipe.init == "kmeans":
-        initialize_from_kmeans(
-            learner,
-            setup.train.features,
-            setup.train.labels,
-            generator=torch.Generator().manual_seed(setup.seed),
-        )
-    loss_fn = recipe.loss(spec.num_classes, k, steps)
-    parameters = [p for p in learner.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=training.lr)
-    generator = torch.Generator().manual_seed(10_000 + setup.seed)
-    images, labels = setup.train.features, setup.train.labels
-    estimate = loss_fn.usage_estimate
-    reviver = SubpromptReviver(estimate) if recipe.revive_every and estimate else None
-    for step in range(steps):
-        batch = torch.randperm(len(labels), generator=generator)[: training.batch_size]
-        features = learner()
-        out = loss_fn(images[batch], features, labels[batch])
-        optimizer.zero_grad()
-        out["loss"].backward()
-        optimizer.step()
-        loss_fn.schedule.step()  # type: ignore[union-attr]
-        if reviver is not None and (step + 1) % recipe.revive_every == 0 and step + 1 < steps:
-            reviver.revive_(parameters[0], generator=generator)  # the loss's usage estimate
-    with torch.no_grad():
-        features = learner()
-    return evaluate(features, setup.test, loss_fn)
 
 
 def references(setup: Setup) -> dict[str, dict[str, float]]:
-    """Per-class k-means of the training images (untrained) and the true look centres."""
-    spec = setup.spec
-    loss_fn = MixtureOfPromptsLoss()
+    """The training-free references: zero-shot, prototype, per-class k-means, true looks."""
+    spec, train = setup.spec, setup.train
+    prototypes = PF.class_prototypes(train.features, train.labels, num_classes=spec.num_classes)
     centroids = PF.kmeans_subprompts(
-        setup.train.features,
-        setup.train.labels,
+        train.features,
+        train.labels,
         num_classes=spec.num_classes,
-        n_subprompts=spec.n_subprompts,
+        n_subprompts=min(spec.n_subprompts, spec.shots),
         generator=torch.Generator().manual_seed(setup.seed),
     )
     return {
-        KMEANS: evaluate(centroids, setup.test, loss_fn),
-        TRUE: evaluate(setup.world.look_centres(), setup.test, loss_fn),
+        ZERO_SHOT: evaluate(zero_shot_text(setup), setup.test),
+        PROTOTYPE: evaluate(prototypes, setup.test),
+        KMEANS: evaluate(centroids, setup.test),
+        TRUE: evaluate(setup.centres, setup.test),
     }
 
 
-# --------------------------------------------------------------------------- report
-
-KMEANS = "k-means per class (target)"
-TRUE = "true look centres (upper bound)"
-METRICS = ("accuracy", "nmi", "dominant", "collapsed", "share_collapsed", "cosine", "max_cosine")
-Stats = dict[str, tuple[float, float]]
-
-
-def summarise(values: Sequence[dict[str, float]]) -> Stats:
-    return {
-        m: (
-            float(np.nanmean([v[m] for v in values]))
-            if not all(math.isnan(v[m]) for v in values)
-            else float("nan"),
-            float(np.std([v[m] for v in values])),
-        )
-        for m in METRICS
-    }
-
-
-def fmt(stats: Stats | None, metric: str, std: bool = False) -> str:
-    if stats is None:
-        return "–"
-    mean, spread = stats[metric]
-    if math.isnan(mean):
-        return "–"
-    if metric in ("accuracy", "collapsed", "share_collapsed"):
-        text = f"{100 * mean:.1f}" if metric == "accuracy" else f"{100 * mean:.0f}"
-        return text + (f" ± {100 * spread:.1f}" if std and metric == "accuracy" else "")
-    return f"{mean:.2f}"
-
-
-def checks(
-    results: dict[tuple[str, str, str], Stats], worlds: Sequence[str], learners: Sequence[str]
-) -> list[tuple[str, str, list[str]]]:
-    """The issue's targets per world and learner: (world, learner, [verdict strings])."""
+def run_job(job: tuple[str, str, int, bool, Training]) -> list[tuple[str, str, str, int, dict]]:
+    """All contenders of one (world, learner, seed); rows `(world, learner, contender, seed, m)`."""
+    name, learner, seed, levers, training = job
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # tiny softmax tails otherwise slow the CPU several-fold
+    setup = make_setup(name, learner, seed)
     rows = []
-    for world in worlds:
-        spec = WORLDS[world]
-        for learner in learners:
-            cured = results.get((world, learner, DEFAULTS.name))
-            if cured is None:
-                continue
-            kmeans = results.get((world, "free", KMEANS))
-            uncured = results[world, learner, UNCURED.name]
-            text = results[world, learner, DEFAULTS_TEXT.name]
-            acc = cured["accuracy"][0]
-            verdicts = []
-            if kmeans is not None:
-                gap = 100 * (acc - kmeans["accuracy"][0])
-                verdicts.append(f"{'pass' if gap >= -1 else 'FAIL'} {gap:+.1f} vs k-means")
-            margin = 100 * (acc - uncured["accuracy"][0])
-            need = 1.0 if uncured["accuracy"][0] < 0.98 else 0.0
-            verdicts.append(f"{'pass' if margin >= need else 'FAIL'} {margin:+.1f} vs uncured")
-            per_look = min(split_counts(spec.shots, spec.frequencies()))
-            if spec.n_subprompts == spec.n_looks and per_look >= 8:
-                nmi = cured["nmi"][0]
-                verdicts.append(f"{'pass' if nmi >= 0.85 else 'FAIL'} NMI {nmi:.2f}")
-            share = cured["share_collapsed"][0]
-            verdicts.append(
-                f"{'pass' if share == 0 else 'FAIL'} {100 * share:.0f} % share-collapsed"
-            )
-            text_margin = 100 * (text["accuracy"][0] - uncured["accuracy"][0])
-            verdicts.append(f"{'pass' if text_margin > 0 else 'FAIL'} text init {text_margin:+.1f}")
-            rows.append((world, learner, verdicts))
+    if learner == "offset":
+        rows += [(name, learner, ref, seed, m) for ref, m in references(setup).items()]
+    contenders = list(TRAINED) + (list(MIXTURE_EXTRA) if learner == "mixture" else [])
+    if learner == "mixture":
+        contenders.remove(UNCURED)
+        contenders.remove(PREVIOUS)
+    for contender in contenders:
+        features, loss_fn = fit(contender, setup, setup.train, training, chosen_lr(contender, setup, training))
+        rows.append((name, learner, contender.name, seed, evaluate(features, setup.test, loss_fn)))
+    if levers:
+        for contender in lever_contenders():
+            features, loss_fn = fit(contender, setup, setup.train, training, training.lr)
+            metrics = evaluate(features, setup.test, loss_fn)
+            rows.append((name, "lever", contender.name, seed, metrics))
     return rows
 
 
-def world_line(spec: WorldSpec) -> str:
-    freq = "/".join(f"{100 * f:.0f}" for f in spec.frequencies())
-    return (
-        f"{spec.num_classes} classes × {spec.n_looks} looks ({freq} %), K = {spec.n_subprompts}, "
-        f"{spec.shots} shots, dim {spec.dim}"
-        + (
-            f", looks {100 * spec.shared_looks:.0f} % shared across classes"
-            if spec.shared_looks
-            else ""
-        )
-        + f": {spec.note}"
-    )
-
-
-def write_markdown(
-    out: Path,
-    results: dict[tuple[str, str, str], Stats],
-    worlds: Sequence[str],
-    learners: Sequence[str],
-    lever_rows: Sequence[tuple[str, str, Stats]],
-    training: Training,
-    seeds: Sequence[int],
-    command: str,
-) -> Path:
-    lines = [
-        f"<!-- Generated by `{command}`; do not edit by hand. -->\n\n",
-        f"Mean over seeds {list(seeds)}. Training: {training.steps} Adam steps (lr "
-        f"{training.lr:g}, batch {training.batch_size}; `MixtureOfPrompts`: "
-        f"{training.mixture_steps} steps), τ linear from its start to its end, logit scale 100. "
-        "Accuracy from the loss's own `logits()` (logsumexp over sub-prompts) on 64 held-out "
-        "images per class; NMI: each held-out image's best sub-prompt against its true look, "
-        "per class, averaged; dominant: the most used sub-prompt's share (argmax), averaged over "
-        "classes; collapsed: share of classes `detect_collapse` flags (mean sub-prompt cosine "
-        "> 0.9 or dominant share > 0.9); cos: the sub-prompts' mean pairwise cosine. "
-        "The references (k-means, true looks) use no training and no learner.\n\n",
-        "### Targets (recommended: the library's defaults with `initialize_from_kmeans`)\n\n",
-        "| world | learner | checks |\n|---|---|---|\n",
-    ]
-    for world, learner, verdicts in checks(results, worlds, learners):
-        lines.append(f"| {world} | {learner} | {' · '.join(verdicts)} |\n")
-    lines.append("\n")
-    for learner in learners:
-        more = results.get(("K=8 on 4", learner, DEFAULTS.name))
-        equal = results.get(("balanced", learner, DEFAULTS.name))
-        if more and equal:
-            gap = 100 * (more["accuracy"][0] - equal["accuracy"][0])
-            lines.append(
-                f"- {'pass' if gap >= 0 else 'FAIL'} K = 8 against K = 4 on the same 4 looks "
-                f"({learner}): {gap:+.1f} points.\n"
-            )
-    true_rows = [(w, results[w, "free", TRUE]) for w in worlds if (w, "free", TRUE) in results]
-    if true_rows:
-        flagged = max(stats["collapsed"][0] for _, stats in true_rows)
-        highest = max(stats["max_cosine"][0] for _, stats in true_rows)
-        lines.append(
-            f"- {'pass' if flagged == 0 else 'FAIL'} `detect_collapse` flags {100 * flagged:.0f} "
-            f"% of the true look centres' classes in the worst world; the highest per-class mean "
-            f"cosine of true looks is {highest:.2f} (threshold 0.9).\n"
-        )
-    lines.append("\n### Results\n\n")
-    contenders = [KMEANS, TRUE, *(r.name for r in RECIPES)]
-    for world in worlds:
-        spec = WORLDS[world]
-        lines.append(f"#### {world}\n\n{world_line(spec)}.\n\n")
-        header = "| contender | " + " | ".join(
-            f"{learner} acc % | NMI | dominant" for learner in spec.learners if learner in learners
-        )
-        lines.append(header + " | collapsed % (free) | cos (free) |\n")
-        count = 3 * len([x for x in spec.learners if x in learners]) + 2
-        lines.append("|---" * (count + 1) + "|\n")
-        for name in contenders:
-            cells = []
-            for learner in spec.learners:
-                if learner not in learners:
-                    continue
-                stats = results.get((world, learner, name)) or (
-                    results.get((world, "free", name)) if name in (KMEANS, TRUE) else None
-                )
-                if name in (KMEANS, TRUE) and learner != "free":
-                    stats = None  # learner-independent: shown once
-                cells += [
-                    fmt(stats, "accuracy", std=True),
-                    fmt(stats, "nmi"),
-                    fmt(stats, "dominant"),
-                ]
-            free = results.get((world, "free", name))
-            cells += [fmt(free, "collapsed"), fmt(free, "cosine")]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |\n")
-        lines.append("\n")
-    if lever_rows:
-        lines.append("### Levers (free vectors, one knob at a time from the recommendation)\n\n")
-        lever_worlds = list(dict.fromkeys(w for w, _, _ in lever_rows))
-        lines.append(
-            "| lever | " + " | ".join(f"{w}: acc % | NMI | dominant" for w in lever_worlds) + " |\n"
-        )
-        lines.append("|---" * (1 + 3 * len(lever_worlds)) + "|\n")
-        names = list(dict.fromkeys(n for _, n, _ in lever_rows))
-        table = {(w, n): s for w, n, s in lever_rows}
-        for name in names:
-            cells = []
-            for w in lever_worlds:
-                stats = table.get((w, name))
-                cells += [
-                    fmt(stats, "accuracy", std=True),
-                    fmt(stats, "nmi"),
-                    fmt(stats, "dominant"),
-                ]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |\n")
-        lines.append("\n")
-    path = out / "results.md"
-    path.write_text("".join(lines))
-    return path
+# --------------------------------------------------------------------------- main
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one world, one seed, short runs")
-    parser.add_argument("--levers", action="store_true", help="also one knob at a time")
     parser.add_argument("--worlds", nargs="*", default=None, choices=list(WORLDS))
     parser.add_argument("--learners", nargs="*", default=None, choices=LEARNERS)
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    parser.add_argument("--recipes", nargs="*", default=None, help="names of recipes to run")
+    parser.add_argument("--no-levers", action="store_true", help="skip the one-knob table")
+    parser.add_argument("--workers", type=int, default=2, help="processes (one thread each)")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.md and plots")
     args = parser.parse_args(argv)
-    torch.set_flush_denormal(True)  # tiny softmax tails otherwise slow the CPU several-fold
-    torch.set_num_threads(1)  # small tensors: one thread is as fast and steadier when shared
-    training = Training(steps=60, mixture_steps=10) if args.quick else Training()
-    worlds = args.worlds or (["imbalanced"] if args.quick else list(WORLDS))
-    seeds = [0] if args.quick else args.seeds
-    learners = args.learners or (["free"] if args.quick else list(LEARNERS))
-    full = (
-        not args.quick
-        and args.worlds is None
-        and args.learners is None
-        and (args.recipes is None and seeds == [0, 1, 2])
+    training = (
+        Training(steps=40, mixture_steps=5, lr_choices=(5e-3,), mixture_lr_choices=(1e-3,))
+        if args.quick
+        else Training()
     )
-    out = args.out or (DOCS_OUT if full else Path(tempfile.gettempdir()) / "promptmix-suite")
+    worlds = args.worlds or (["fine 4 shots"] if args.quick else list(WORLDS))
+    seeds = [0] if args.quick else args.seeds
+    learners = args.learners or (["offset"] if args.quick else list(LEARNERS))
+    levers = not args.no_levers and not args.quick
+    full = not args.quick and args.worlds is None and args.learners is None and seeds == [0, 1, 2]
+    out = args.out or (DOCS_OUT if full and levers else Path(tempfile.gettempdir()) / "promptmix-suite")
     out.mkdir(parents=True, exist_ok=True)
-    wanted = set(args.recipes) if args.recipes else None
-    start = time.perf_counter()
-    results: dict[tuple[str, str, str], Stats] = {}
-    lever_rows: list[tuple[str, str, Stats]] = []
-    levers = lever_recipes() if args.levers else []
-    for world in worlds:
-        spec = WORLDS[world]
-        for learner in spec.learners:
-            if learner not in learners:
-                continue
-            phase = time.perf_counter()
-            runs: dict[str, list[dict[str, float]]] = {}
-            lever_runs: dict[str, list[dict[str, float]]] = {}
-            for seed in seeds:
-                setup = make_setup(spec, learner, seed, training)
-                if learner == "free":
-                    for name, values in references(setup).items():
-                        runs.setdefault(name, []).append(values)
-                for recipe in RECIPES:
-                    if learner == "mixture" and recipe is ONE_PROMPT:
-                        continue  # the slow learner: only the mixtures it is there to test
-                    if wanted is None or recipe.name in wanted:
-                        runs.setdefault(recipe.name, []).append(train(recipe, setup, training))
-                if learner == "free" and world in ACCEPTANCE:
-                    for recipe in levers:
-                        if wanted is None or recipe.name in wanted:
-                            lever_runs.setdefault(recipe.name, []).append(
-                                train(recipe, setup, training)
-                            )
-            for name, values in runs.items():
-                results[world, learner, name] = stats = summarise(values)
-                print(
-                    f"{world:13s} {learner:7s} {name:34s} "
-                    + "  ".join(f"{m} {fmt(stats, m)}" for m in METRICS),
-                    flush=True,
-                )
-            for name, values in lever_runs.items():
-                lever_rows.append((world, name, summarise(values)))
-                print(
-                    f"{world:13s} lever   {name:34s} "
-                    + "  ".join(f"{m} {fmt(lever_rows[-1][2], m)}" for m in METRICS),
-                    flush=True,
-                )
-            print(f"  ({time.perf_counter() - phase:.1f} s)", flush=True)
-
-    import suite_plots  # matplotlib only when running
-
-    command = "python benchmarks/suite.py" + (" --levers" if args.levers else "")
-    path = write_markdown(out, results, worlds, learners, lever_rows, training, seeds, command)
-    contenders = [KMEANS, UNCURED.name, ONE_PROMPT.name, DEFAULTS_TEXT.name, DEFAULTS.name]
-    plots = [
-        suite_plots.contenders_by_world(
-            out / f"{learner}.png",
-            {
-                key if key[2] not in (KMEANS, TRUE) else (key[0], learner, key[2]): value
-                for key, value in results.items()
-                if key[1] in (learner, "free") and (key[1] == learner or key[2] in (KMEANS, TRUE))
-            },
-            [w for w in worlds if learner in WORLDS[w].learners],
-            learner,
-            contenders,
-            f"{learner}: mean over seeds {seeds}",
-        )
-        for learner in learners
-        if any(key[1] == learner for key in results)
+    jobs = [
+        (world, learner, seed, levers and learner == "offset" and world in LEVER_WORLDS, training)
+        for learner in LEARNERS
+        if learner in learners
+        for world in worlds
+        if learner in WORLDS[world].learners
+        for seed in seeds
     ]
-    if lever_rows:
-        plots.append(
-            suite_plots.levers(
-                out / "levers.png",
-                lever_rows,
-                list(dict.fromkeys(w for w, _, _ in lever_rows)),
-                "levers, free vectors",
-            )
-        )
-    print(f"wrote {path} and {', '.join(str(p) for p in plots)}")
-    print(f"wall time {time.perf_counter() - start:.1f} s (torch on 1 thread)")
+    jobs.sort(key=lambda job: job[1] != "mixture")  # the slow ones first
+    start = time.perf_counter()
+    rows: list[tuple[str, str, str, int, dict]] = []
+    if args.workers > 1 and len(jobs) > 1:
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(args.workers) as pool:
+            for done in pool.imap_unordered(run_job, jobs):
+                rows += done
+                print(f"  {done[0][0]} / {done[0][1]} / seed {done[0][3]} ({time.perf_counter() - start:.0f} s)", flush=True)
+    else:
+        for job in jobs:
+            rows += run_job(job)
+    import suite_report  # matplotlib only when running
+
+    command = "python benchmarks/suite.py" + ("" if levers else " --no-levers")
+    paths = suite_report.write(out, rows, worlds, seeds, training, command, WORLDS)
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    print(f"wall time {time.perf_counter() - start:.1f} s ({args.workers} processes)")
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

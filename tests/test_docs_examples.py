@@ -102,7 +102,11 @@ def test_offset_learner_is_free_vectors_under_adam() -> None:
         text_cfg=dict(width=64, heads=2, layers=1),
     )
     prompts = OffsetMixtureOfPrompts(
-        model, open_clip.get_tokenizer("ViT-B-32"), ["cat", "dog", "owl"], n_subprompts=3
+        model,
+        open_clip.get_tokenizer("ViT-B-32"),
+        ["cat", "dog", "owl"],
+        n_subprompts=3,
+        share_looks=False,
     )
     free = torch.nn.Parameter((prompts.text_features + prompts.offsets).detach().clone())
     images, labels = torch.randn(24, 32), torch.arange(3).repeat(8)
@@ -129,10 +133,10 @@ def test_suite_table_lists_the_suite_recipes_and_the_pictures_exist() -> None:
     finally:
         sys.path.remove(str(BENCHMARKS))
     table = (DOCS / "suite" / "results.md").read_text()
-    rows = {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")}
-    names = {r.name for r in suite.RECIPES} | {r.name for r in suite.lever_recipes()}
-    assert names <= rows, (
-        f"docs/suite/results.md is stale: rerun benchmarks/suite.py ({names - rows})"
+    cells = {cell.strip() for line in table.splitlines() for cell in line.split("|")}
+    names = set(suite.CONTENDERS) | {c.name for c in suite.lever_contenders()} | set(suite.WORLDS)
+    assert names <= cells, (
+        f"docs/suite/results.md is stale: rerun benchmarks/suite.py ({names - cells})"
     )
     tuning = (DOCS / "tuning.md").read_text()
     images = re.findall(r"\]\((suite/[^)]+\.png)\)", tuning)

@@ -37,7 +37,7 @@ def _images(labels: list[int], dim: int = 16, seed: int = 0) -> tuple[torch.Tens
 
 
 def test_offset_learner_starts_exactly_at_the_centroids(model, tokenizer) -> None:
-    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2)
+    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2, share_looks=False)
     images, labels = _images([0, 1, 2] * 5)
     centroids = initialize_from_kmeans(
         prompts, images, labels, generator=torch.Generator().manual_seed(0)
@@ -47,11 +47,12 @@ def test_offset_learner_starts_exactly_at_the_centroids(model, tokenizer) -> Non
     )
     assert torch.allclose(centroids, expected)
     assert torch.allclose(prompts(), expected, atol=1e-5)
-    assert list(prompts.state_dict()) == ["offsets"]
+    assert list(prompts.state_dict()) == ["offsets", "num_images"]
+    assert prompts.num_images.item() == 15
 
 
 def test_classes_without_images_keep_their_sub_prompts(model, tokenizer) -> None:
-    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2)
+    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2, share_looks=False)
     before = prompts().detach().clone()
     images, labels = _images([0, 0, 1, 1])
     centroids = initialize_from_kmeans(prompts, images, labels)
@@ -61,7 +62,7 @@ def test_classes_without_images_keep_their_sub_prompts(model, tokenizer) -> None
 
 
 def test_fallback_duplicates_are_moved_apart(model, tokenizer) -> None:
-    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=3)
+    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=3, share_looks=False)
     images, labels = _images([0, 1, 1, 1, 2, 2, 2])  # class 0 has one image for K = 3
     initialize_from_kmeans(prompts, images, labels, generator=torch.Generator().manual_seed(1))
     cosine = PF.pairwise_cosine(prompts().detach())[0]
@@ -112,22 +113,25 @@ def test_fit_steps_zero_leaves_a_generic_learner_alone() -> None:
     ],
 )
 def test_bad_arguments(model, tokenizer, kwargs: dict, error: type, match: str) -> None:
-    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2)
+    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2, share_looks=False)
     images, labels = _images([0, 1, 2] * 2)
     with pytest.raises(error, match=match):
         initialize_from_kmeans(prompts, images, labels, **kwargs)
 
 
 def test_wrong_feature_dimension_names_the_argument(model, tokenizer) -> None:
-    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2)
+    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2, share_looks=False)
     images, labels = _images([0, 1, 2], dim=8)
     with pytest.raises(ValueError, match="image_features must have dim 16"):
         initialize_from_kmeans(prompts, images, labels)
 
 
-def test_inputs_are_checked_before_the_learner_changes(model, tokenizer) -> None:
-    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2)
-    before = prompts.offsets.detach().clone()
+@pytest.mark.parametrize("share_looks", [True, False])
+def test_inputs_are_checked_before_the_learner_changes(model, tokenizer, share_looks) -> None:
+    prompts = OffsetMixtureOfPrompts(
+        model, tokenizer, NAMES, n_subprompts=2, share_looks=share_looks
+    )
+    before = {name: p.detach().clone() for name, p in prompts.state_dict().items()}
     images, labels = _images([0, 1, 2] * 2)
     with pytest.raises(TypeError, match=r"labels must be an integer torch\.Tensor but is a list"):
         initialize_from_kmeans(prompts, images, labels.tolist())
@@ -141,4 +145,48 @@ def test_inputs_are_checked_before_the_learner_changes(model, tokenizer) -> None
         initialize_from_kmeans(prompts, zero_images, labels)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
         initialize_from_kmeans(prompts, images, labels + 1)
-    assert torch.equal(prompts.offsets, before)
+    for name, value in prompts.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_shared_looks_start_from_the_shared_look_estimate(model, tokenizer) -> None:
+    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2)
+    images, labels = _images([0, 1, 2] * 4)
+    features = initialize_from_kmeans(
+        prompts, images, labels, prior_count=2.0, generator=torch.Generator().manual_seed(0)
+    )
+    text = torch.nn.functional.normalize(prompts.text_features.mean(1), dim=-1)
+    start = PF.shared_look_start(
+        images,
+        labels,
+        text,
+        n_subprompts=2,
+        prior_count=2.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    expected = prompts.text_features + (
+        start.class_offsets[:, None] + start.shared_offsets[None] + start.subprompt_offsets
+    )
+    torch.testing.assert_close(features, torch.nn.functional.normalize(expected, dim=-1))
+    torch.testing.assert_close(prompts(), features)
+    assert prompts.num_images.item() == 12
+
+
+def test_a_shrunk_start_stays_nearer_the_text_with_fewer_images(model, tokenizer) -> None:
+    # The same images, repeated: more images behind each estimate moves the start further from
+    # the text (the prior's share falls), fewer keeps it near the text.
+    images, labels = _images([0, 1, 2] * 2)
+    cosines = []
+    for copies in (1, 4, 16):
+        prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2)
+        initialize_from_kmeans(
+            prompts,
+            images.repeat(copies, 1),
+            labels.repeat(copies),
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert prompts.class_offsets is not None
+        text = prompts.text_features.mean(1)
+        class_part = torch.nn.functional.cosine_similarity(text + prompts.class_offsets, text)
+        cosines.append(class_part.mean().item())
+    assert cosines[0] > cosines[1] > cosines[2]

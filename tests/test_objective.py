@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 AGGREGATIONS = ("logsumexp", "max", "mean", "responsibility")
 ASSIGNMENTS = ("soft", "hard", "sinkhorn")
 ENTROPY_MODES = ("sample", "marginal", "mutual_information")
-SCALAR_KEYS = ("loss", "ce", "mixture", "diversity", "entropy")
+SCALAR_KEYS = ("loss", "ce", "mixture", "diversity", "entropy", "prior")
 
 # Small explicit problem: 3 images, 2 classes with K = 2 sub-prompts each, D = 3.
 IMAGES = torch.tensor([[1.0, 0.2, 0.0], [0.1, 1.0, 0.3], [0.5, 0.5, 0.5]])
@@ -63,10 +63,16 @@ def make_loss(
 ) -> MixtureOfPromptsLoss:
     """The loss with its assigner and entropy configured from flat test parameters.
 
-    Every term is on with fixed weights (diversity 0.1, entropy 0.3, mixture 1) unless a test
-    says otherwise, so the tests do not depend on the library's default weights.
+    Every term is on with fixed weights (diversity 0.1, entropy 0.3, mixture 1) and every label is
+    trusted (label noise 0) unless a test says otherwise, so the tests do not depend on the
+    library's defaults.
     """
-    kwargs = {"diversity_weight": 0.1, "entropy_weight": 0.3, "mixture_weight": 1.0} | kwargs
+    kwargs = {
+        "diversity_weight": 0.1,
+        "entropy_weight": 0.3,
+        "mixture_weight": 1.0,
+        "label_noise": 0.0,
+    } | kwargs
     estimate = None
     if num_classes is not None and n_subprompts is not None:
         estimate = UsageEstimate(num_classes=num_classes, n_subprompts=n_subprompts)
@@ -127,7 +133,7 @@ class TestMixtureOfPromptsLoss:
     def test_smoke(self) -> None:
         images, prompts, labels = problem()
         out = MixtureOfPromptsLoss()(images, prompts, labels)
-        assert set(out) == {*SCALAR_KEYS, "tau", "logits", "responsibilities"}
+        assert set(out) == {*SCALAR_KEYS, "tau", "logits", "responsibilities", "label_confidence"}
         for key in SCALAR_KEYS:
             assert out[key].shape == () and torch.isfinite(out[key]), key
         assert out["tau"].shape == () and out["tau"].item() == pytest.approx(0.3)
@@ -141,9 +147,10 @@ class TestMixtureOfPromptsLoss:
         loss_fn = MixtureOfPromptsLoss()
         assert (loss_fn.diversity_weight, loss_fn.entropy_weight, loss_fn.mixture_weight) == (
             0.0,
+            0.0,
             1.0,
-            10.0,
         )
+        assert loss_fn.label_noise == 0.1
         off = MixtureOfPromptsLoss(diversity_weight=0, entropy_weight=0.0, mixture_weight=0)
         assert (off.diversity_weight, off.entropy_weight, off.mixture_weight) == (0.0, 0.0, 0.0)
 
@@ -233,7 +240,7 @@ class TestMixtureOfPromptsLoss:
             mode=mode,
         )
         for key in SCALAR_KEYS:  # every term is reported, whatever its weight
-            torch.testing.assert_close(out[key], expected[key], msg=key)
+            torch.testing.assert_close(out[key], expected.get(key, torch.tensor(0.0)), msg=key)
         combined = out["ce"] + wm * out["mixture"] + wd * out["diversity"] - we * out["entropy"]
         torch.testing.assert_close(out["loss"], combined)
 
@@ -639,7 +646,7 @@ class TestRegularizers:
 def test_logits_method_is_the_classifier_forward_trains() -> None:
     images, prompts, labels = problem()
     for aggregation in AGGREGATIONS:
-        loss_fn = MixtureOfPromptsLoss(aggregation=aggregation, tau=0.7)
+        loss_fn = MixtureOfPromptsLoss(aggregation=aggregation, tau=0.7, label_noise=0.0)
         out = loss_fn(images, prompts, labels, logit_scale=20.0)
         logits = loss_fn.logits(images, prompts, logit_scale=20.0)
         torch.testing.assert_close(logits.detach(), out["logits"])
@@ -722,3 +729,57 @@ class TestOneEStep:
         )
         torch.testing.assert_close(out["floor"], at_loss_tau)
         assert not torch.allclose(at_loss_tau, at_tau_1)  # the test can tell
+
+
+class TestLabelNoiseAndPrior:
+    """The E-step over "is this label right", and the learner's prior added to the loss."""
+
+    def test_cross_entropy_and_pull_are_weighted_by_label_confidence(self) -> None:
+        images, prompts, labels = problem()
+        loss_fn = make_loss(label_noise=0.2, tau=0.5)
+        out = loss_fn(images, prompts, labels)
+        weights = PF.label_confidence(out["logits"], labels, label_noise=0.2)
+        torch.testing.assert_close(out["label_confidence"], weights)
+        per_image = F.cross_entropy(out["logits"], labels, reduction="none")
+        torch.testing.assert_close(out["ce"], (weights * per_image).sum() / weights.sum())
+        own = PF.own_class_similarities(images, prompts, labels)
+        pull = out["responsibilities"] * weights[:, None] * (1 - own)
+        torch.testing.assert_close(out["mixture"], pull.sum(-1).mean())
+
+    def test_a_flipped_label_barely_trains(self) -> None:
+        # Two tight classes; image 2 is labelled 0 but sits on class 1's sub-prompt.
+        prompts = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], requires_grad=True)
+        images = torch.tensor([[1.0, 0.05], [1.0, -0.05], [0.02, 1.0]])
+        labels = torch.tensor([0, 0, 0])
+        out = MixtureOfPromptsLoss()(images, prompts, labels)
+        assert out["label_confidence"][2] < 1e-3 < 0.99 < out["label_confidence"][:2].min()
+        trusting = MixtureOfPromptsLoss(label_noise=0.0)(images, prompts, labels)
+        assert out["ce"] < 0.01 * trusting["ce"]
+
+    def test_prior_is_added_and_reported(self) -> None:
+        images, prompts, labels = problem()
+        prior = (prompts**2).sum() * 0.01
+        loss_fn = make_loss()
+        plain = loss_fn(images, prompts, labels)
+        out = loss_fn(images, prompts, labels, prior=prior)
+        torch.testing.assert_close(out["prior"], prior)
+        torch.testing.assert_close(out["loss"], plain["loss"] + prior)
+        assert plain["prior"].item() == 0.0
+
+    @pytest.mark.parametrize(
+        ("prior", "error", "match"),
+        [
+            (torch.ones(2), ValueError, "0-dim"),
+            (torch.tensor(1), TypeError, "prior"),
+            (1.0, TypeError, "prior"),
+        ],
+    )
+    def test_bad_prior_is_named(self, prior, error, match) -> None:
+        images, prompts, labels = problem()
+        with pytest.raises(error, match=match):
+            make_loss()(images, prompts, labels, prior=prior)
+
+    def test_nan_prior_makes_the_loss_nan(self) -> None:
+        images, prompts, labels = problem()
+        out = make_loss()(images, prompts, labels, prior=torch.tensor(float("nan")))
+        assert torch.isnan(out["loss"])

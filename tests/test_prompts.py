@@ -269,19 +269,76 @@ def test_offset_prompts_start_at_the_frozen_text_features(model, tokenizer):
     for k, template in enumerate(TEMPLATES):
         expected = encode_text(model, tokenizer, [template.format(name) for name in NAMES])
         torch.testing.assert_close(features[:, k], expected, atol=1e-5, rtol=0)
-    assert list(prompts.state_dict()) == ["offsets"]
+    assert sorted(prompts.state_dict()) == [
+        "class_offsets",
+        "num_images",
+        "offsets",
+        "shared_offsets",
+    ]
     assert prompts.offsets.shape == (len(NAMES), 4, 32)
+    assert prompts.class_offsets is not None and prompts.class_offsets.shape == (len(NAMES), 32)
+    assert prompts.shared_offsets is not None and prompts.shared_offsets.shape == (4, 32)
+    alone = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=4, share_looks=False)
+    assert sorted(alone.state_dict()) == ["num_images", "offsets"]
 
 
-def test_offset_prompts_never_run_the_text_tower_and_break_symmetry(model, tokenizer):
-    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=4)
+@pytest.mark.parametrize("share_looks", [True, False])
+def test_offset_prompts_never_run_the_text_tower_and_break_symmetry(model, tokenizer, share_looks):
+    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=4, share_looks=share_looks)
     model.transformer.forward = None  # any call to the tower now fails
     features = prompts()
     torch.testing.assert_close(prompts([3, 1]), features[[3, 1]], atol=0, rtol=0)
-    (grad,) = torch.autograd.grad(diversity(features), prompts.offsets)
+    noisy = prompts.shared_offsets if share_looks else prompts.offsets
+    assert noisy is not None
+    (grad,) = torch.autograd.grad(diversity(features), noisy)
     assert grad.abs().max() > 1e-6
-    norms = prompts.offsets.detach().norm(dim=-1)
+    norms = noisy.detach().norm(dim=-1)
     assert 0.05 < norms.mean() < 0.2  # init_noise_std=0.1 is the expected offset norm
+
+
+def test_a_shared_look_receives_gradient_from_every_class(model, tokenizer):
+    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=3)
+    assert prompts.shared_offsets is not None
+    for label in range(len(NAMES)):
+        # A loss on one class's sub-prompts alone still moves every shared look.
+        (grad,) = torch.autograd.grad(prompts()[label].sum(), prompts.shared_offsets)
+        assert (grad.norm(dim=-1) > 0).all(), label
+        (own,) = torch.autograd.grad(prompts()[label].sum(), prompts.class_offsets)
+        assert own[label].norm() > 0 and own[torch.arange(len(NAMES)) != label].abs().max() == 0
+
+
+def test_prior_loss_is_zero_at_the_text_and_fades_with_the_number_of_images(model, tokenizer):
+    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=3)
+    assert prompts.prior_loss().item() == pytest.approx(0.0, abs=1e-6)  # a = 0, e = 0
+    with torch.no_grad():
+        prompts.offsets.add_(0.3 * torch.randn_like(prompts.offsets))
+    one_shot = prompts.prior_loss()
+    with torch.no_grad():
+        prompts.num_images.mul_(16)
+    torch.testing.assert_close(prompts.prior_loss(), one_shot / 16)
+    with torch.no_grad():
+        prompts.class_offsets.add_(0.3 * torch.randn_like(prompts.class_offsets))  # type: ignore[union-attr]
+    text_only = OffsetMixtureOfPrompts(
+        model, tokenizer, NAMES, n_subprompts=3, subprompt_prior_weight=0.0
+    )
+    with torch.no_grad():
+        text_only.class_offsets.copy_(prompts.class_offsets)  # type: ignore[union-attr]
+        text_only.shared_offsets.mul_(5.0)  # type: ignore[union-attr]
+    # The text anchor acts on the class part only: the shared looks do not change it.
+    class_text = torch.nn.functional.normalize(text_only.text_features.mean(1), dim=-1)
+    cosine = torch.nn.functional.cosine_similarity(
+        class_text + text_only.class_offsets, class_text, dim=-1
+    )
+    torch.testing.assert_close(text_only.prior_loss(), 8.0 * (1 - cosine).mean())
+
+
+def test_offset_prompts_reject_bad_prior_settings(model, tokenizer):
+    with pytest.raises(TypeError, match="share_looks"):
+        OffsetMixtureOfPrompts(model, tokenizer, NAMES, share_looks=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="text_prior_weight"):
+        OffsetMixtureOfPrompts(model, tokenizer, NAMES, text_prior_weight=-1.0)
+    with pytest.raises(ValueError, match="subprompt_prior_weight"):
+        OffsetMixtureOfPrompts(model, tokenizer, NAMES, subprompt_prior_weight=float("nan"))
 
 
 class HostSync(RuntimeError):

@@ -69,7 +69,8 @@ def test_package_metadata_names_the_project_urls() -> None:
 
 def test_defaults_take_effect() -> None:
     loss = promptmix.MixtureOfPromptsLoss()
-    assert (loss.diversity_weight, loss.entropy_weight, loss.mixture_weight) == (0.0, 1.0, 10.0)
+    assert (loss.diversity_weight, loss.entropy_weight, loss.mixture_weight) == (0.0, 0.0, 1.0)
+    assert loss.label_noise == 0.1
     assert loss.fixed_tau == 0.3 and loss.schedule is None and loss.usage_estimate is None
     assert loss.assigner.mode == "soft" and loss.assigner.logit_scale == 100.0
     assert loss.entropy.mode == "marginal" == promptmix.AssignmentEntropy().mode

@@ -30,6 +30,36 @@ def _separate_duplicates(
     return centroids + noise * repeated.unsqueeze(-1)
 
 
+def _start_shared_looks(
+    prompts: OffsetMixtureOfPrompts,
+    image_features: Tensor,
+    labels: Tensor,
+    prior_count: float,
+    iterations: int,
+    restarts: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Set the class parts, shared looks and corrections from `shared_look_start`."""
+    text = F.normalize(prompts.text_features.mean(dim=1), dim=-1)
+    start = PF.shared_look_start(
+        image_features.to(text.device),
+        labels.to(text.device),
+        text,
+        n_subprompts=prompts.n_subprompts,
+        prior_count=prior_count,
+        iterations=iterations,
+        restarts=restarts,
+        generator=generator,
+    )
+    assert prompts.class_offsets is not None and prompts.shared_offsets is not None
+    dtype = prompts.offsets.dtype
+    prompts.class_offsets.copy_(start.class_offsets.to(dtype))
+    prompts.shared_offsets.copy_(start.shared_offsets.to(dtype))
+    prompts.offsets.copy_(start.subprompt_offsets.to(dtype))
+    prompts.num_images.fill_(float(labels.shape[0]))
+    return prompts()
+
+
 def initialize_from_kmeans(
     prompts: nn.Module,
     image_features: Tensor,
@@ -39,19 +69,25 @@ def initialize_from_kmeans(
     restarts: int = 4,
     fit_steps: int = 100,
     fit_lr: float = 0.01,
+    prior_count: float = 4.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    r"""Move each class's sub-prompts to the per-class spherical k-means centroids of its images.
+    r"""Start a prompt learner from its few-shot training images: the recipe's one init call.
 
-    The centroids come from `promptmix.functional.kmeans_subprompts` on the (few-shot) training
-    image features, one cluster per sub-prompt, largest cluster first. Then:
-
-    - `OffsetMixtureOfPrompts`: the offsets are set so that each sub-prompt *is* its centroid,
-      $\mathrm{offset}_{ck} = \mu_{ck} - t_{ck}$ (exact, no training).
+    - `OffsetMixtureOfPrompts` with `share_looks=True` (its default): the class parts, the looks
+      shared by all classes and the per-class corrections start at
+      `promptmix.functional.shared_look_start` of the images (a spherical k-means of what the
+      class parts leave, pooled over all classes; every part a mean shrunk toward zero by the
+      images behind it, `prior_count` pseudo-images of prior), and `num_images` is set to the
+      number of images, which weighs the learner's `prior_loss()`. One shot per class stays near
+      its text; the looks are found from every class's images.
+    - `OffsetMixtureOfPrompts` with `share_looks=False`: each sub-prompt *is* its class's k-means
+      centroid, $\mathrm{offset}_{ck} = \mu_{ck} - t_{ck}$ (exact), from
+      `promptmix.functional.kmeans_subprompts` (one cluster per sub-prompt, largest first).
     - any other learner whose `forward()` returns `(num_classes, K, dim)` unit features, such as
       `MixtureOfPrompts`: a short fit of its parameters (Adam, `fit_steps` steps at `fit_lr`) that
-      minimises $\frac{1}{CK}\sum_{ck} (1 - \cos(t_{ck}, \mu_{ck}))$, so each sub-prompt's context
-      learns to say its look before the real training starts.
+      minimises $\frac{1}{CK}\sum_{ck} (1 - \cos(t_{ck}, \mu_{ck}))$ toward the per-class
+      centroids, so each sub-prompt's context learns to say its look before the real training.
 
     Classes without an image (no label of theirs in `labels`) keep their initial sub-prompts. A
     class with fewer images than K starts from its images, repeated (the fallback of
@@ -67,11 +103,13 @@ def initialize_from_kmeans(
         restarts: k-means seedings per class.
         fit_steps: Adam steps of the fit (learners other than the offset one), `>= 0`.
         fit_lr: Adam learning rate of the fit.
+        prior_count: the shrinkage of the shared-look start, in pseudo-images, `>= 0`.
         generator: random generator for the k-means seeds and the separating noise.
 
     Returns:
-        `(num_classes, K, dim)` the centroids the sub-prompts were moved to (zero rows for
-        classes without images).
+        `(num_classes, K, dim)`: with shared looks, the learner's new sub-prompt features;
+        otherwise the centroids the sub-prompts were moved to (zero rows for classes without
+        images).
 
     Raises:
         TypeError: If `labels` is not an integer tensor.
@@ -98,6 +136,7 @@ def initialize_from_kmeans(
     labels = check_labels("labels", labels, image_features.shape[0], None)
     check_int("fit_steps", fit_steps, minimum=0)
     check_positive("fit_lr", fit_lr)
+    check_positive("prior_count", prior_count, allow_zero=True)
     if not isinstance(prompts, nn.Module):
         raise TypeError(
             f"prompts must be a prompt learner (nn.Module) but is {type(prompts).__name__}."
@@ -111,6 +150,11 @@ def initialize_from_kmeans(
             f"image_features must have dim {dim} (the prompts' feature dimension) but has "
             f"shape {tuple(image_features.shape)}."
         )
+    if isinstance(prompts, OffsetMixtureOfPrompts) and prompts.share_looks:
+        with torch.no_grad():
+            return _start_shared_looks(
+                prompts, image_features, labels, prior_count, iterations, restarts, generator
+            )
     centroids = PF.kmeans_subprompts(
         image_features.to(current.device, torch.float32),
         labels.to(current.device),
@@ -128,6 +172,7 @@ def initialize_from_kmeans(
     has_images = has_images.to(centroids.device)
     if isinstance(prompts, OffsetMixtureOfPrompts):
         with torch.no_grad():
+            prompts.num_images.fill_(float(labels.shape[0]))
             offsets = targets.to(prompts.offsets.dtype) - prompts.text_features
             prompts.offsets[has_images] = offsets[has_images]
         return centroids.to(current.dtype)

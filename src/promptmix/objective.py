@@ -14,8 +14,10 @@ from promptmix import distributed
 from promptmix import functional as PF
 from promptmix._validation import (
     check_choice,
+    check_floating,
     check_labels,
     check_positive,
+    check_unit_interval,
     clamp_labels,
     labels_out_of_range,
     nan_where,
@@ -30,7 +32,18 @@ from promptmix.usage import UsageEstimate
 __all__ = ["BUILTIN_INPUTS", "OUTPUT_KEYS", "LossPart", "MixtureOfPromptsLoss"]
 
 #: The keys of the loss's output dict; an extra regularizer's name may not be one of them.
-OUTPUT_KEYS = ("loss", "ce", "mixture", "diversity", "entropy", "tau", "logits", "responsibilities")
+OUTPUT_KEYS = (
+    "loss",
+    "ce",
+    "mixture",
+    "diversity",
+    "entropy",
+    "prior",
+    "tau",
+    "logits",
+    "responsibilities",
+    "label_confidence",
+)
 #: What the loss itself hands to a part that names it in its `inputs`.
 BUILTIN_INPUTS = (
     "image_features",
@@ -148,23 +161,30 @@ class MixtureOfPromptsLoss(nn.Module):
     r"""The training objective of a mixture of prompts, with the cure for mode collapse built in.
 
     $$
-    L = \mathrm{CE}(\ell(x), y)
-      + w_m \frac{1}{B}\sum_{b,k} \bar\gamma_{bk}\,(1 - \cos(x_b, t_{y_b k}))
+    L = \frac{\sum_b w_b\,\mathrm{CE}(\ell(x_b), y_b)}{\sum_b w_b}
+      + w_m \frac{1}{B}\sum_{b,k} w_b\,\bar\gamma_{bk}\,(1 - \cos(x_b, t_{y_b k}))
       + w_d\,\mathrm{Div}(t_{\text{batch classes}})
       - w_e\,H(\gamma)
-      + \sum_r w_r R_r
+      + \sum_r w_r R_r + P
     $$
 
     - `ce`: cross-entropy of the class logits of `logits()`, which pool each class's K
       similarities (`aggregation`, default `"logsumexp"`: the mixture's log-likelihood, see
-      `promptmix.functional.class_logits`).
+      `promptmix.functional.class_logits`), each image weighted by $w_b$, the posterior that its
+      label is right when a share `label_noise` of labels is flipped
+      (`promptmix.functional.label_confidence`, reported as `"label_confidence"`): a flipped
+      label or an outlier that another class explains far better weighs almost nothing.
     - `mixture`: the EM M-step: each sub-prompt is pulled toward the images assigned to it, with
-      the `assigner`'s responsibilities $\bar\gamma$ *detached* (they are targets).
+      the `assigner`'s responsibilities $\bar\gamma$ *detached* (they are targets), weighted by
+      $w_b$ too.
     - `diversity`: the `diversity` part over the classes present in the batch.
     - `entropy`: the `entropy` part on the *soft* responsibilities at `tau`, with their
       gradient, so maximising it moves the sub-prompts. Skipped when the assigner is `"hard"`
       (hard assignments have no entropy to spread).
     - one term per entry of `regularizers`, reported under its name.
+    - `prior`: $P$, the learner's prior on its own parameters passed as `prior=` (for
+      `OffsetMixtureOfPrompts`, `prompts.prior_loss()`: the text anchor and the shared-look
+      prior); zero when none is passed.
 
     **One E-step per step.** The loss computes the soft responsibilities
     $\gamma = \operatorname{softmax}_k(s_a \cos / \tau)$ once (with the assigner's
@@ -185,8 +205,10 @@ class MixtureOfPromptsLoss(nn.Module):
     be passed to this loss's `forward` as a keyword argument. A name may not shadow a key of the
     output dict.
 
-    **Weights.** The default weights (mixture 10, entropy 1, diversity 0) come from
-    `benchmarks/suite.py` (evidence in `docs/tuning.md`). A weight of 0 keeps a term out of the
+    **Weights.** The defaults (EM pull 1, entropy 0, diversity 0, label noise 0.1) come from
+    `benchmarks/suite.py` (evidence in `docs/tuning.md`): with the shared-look start and the
+    learner's prior, a stronger pull overrides the text prior at one shot, and the entropy term
+    spreads one image over its sub-prompts when a class has one image in a batch. A weight of 0 keeps a term out of the
     gradient: the term is still computed, without a graph, and reported, so its inputs are
     checked and it can be logged (NaN in it still makes the loss NaN, as the policy of
     `docs/reliability.md` asks).
@@ -195,6 +217,8 @@ class MixtureOfPromptsLoss(nn.Module):
         diversity_weight: $w_d \ge 0$.
         entropy_weight: $w_e \ge 0$.
         mixture_weight: $w_m \ge 0$.
+        label_noise: $\varepsilon \in [0, 1)$, the share of labels assumed flipped; 0 trusts
+            every label (plain cross-entropy and pull).
         aggregation: how class logits pool the K sub-prompts: `"logsumexp"`, `"max"`,
             `"mean"` or `"responsibility"`.
         tau: a fixed temperature, or a `TemperatureSchedule` (stored as `self.schedule`,
@@ -214,10 +238,10 @@ class MixtureOfPromptsLoss(nn.Module):
         - subprompt_features: `(num_classes, K, dim)` (`(num_classes, dim)`: `K = 1`).
         - labels: `(batch,)` integer classes in `[0, num_classes)`.
         - output: a dict of tensors: `"loss"`, `"ce"`, `"mixture"`, `"diversity"`,
-          `"entropy"` (scalars; `"entropy"` is the unweighted, positive entropy), `"tau"`
-          (0-dim), `"logits"` `(batch, num_classes)` and `"responsibilities"`
-          `(batch, K)`, the EM targets (both detached), and one unweighted scalar per extra
-          regularizer.
+          `"entropy"`, `"prior"` (scalars; `"entropy"` is the unweighted, positive entropy),
+          `"tau"` (0-dim), `"logits"` `(batch, num_classes)`, `"responsibilities"`
+          `(batch, K)`, the EM targets, and `"label_confidence"` `(batch,)` (all three
+          detached), and one unweighted scalar per extra regularizer.
 
     Raises:
         TypeError: At construction, on a part that is not a module declaring its `inputs`; in
@@ -239,8 +263,9 @@ class MixtureOfPromptsLoss(nn.Module):
         ...     usage_estimate=UsageEstimate(num_classes=5, n_subprompts=3),
         ... )
         >>> out = loss_fn(images, subprompts, labels)
-        >>> sorted(out)
-        ['ce', 'diversity', 'entropy', 'logits', 'loss', 'mixture', 'responsibilities', 'tau']
+        >>> sorted(out)  # doctest: +NORMALIZE_WHITESPACE
+        ['ce', 'diversity', 'entropy', 'label_confidence', 'logits', 'loss', 'mixture', 'prior',
+         'responsibilities', 'tau']
         >>> out["loss"].backward(); schedule.step()
         >>> subprompts.grad.shape
         torch.Size([5, 3, 16])
@@ -255,8 +280,9 @@ class MixtureOfPromptsLoss(nn.Module):
         self,
         *,
         diversity_weight: float = 0.0,
-        entropy_weight: float = 1.0,
-        mixture_weight: float = 10.0,
+        entropy_weight: float = 0.0,
+        mixture_weight: float = 1.0,
+        label_noise: float = 0.1,
         aggregation: PF.Aggregation = "logsumexp",
         tau: float | TemperatureSchedule = PF.DEFAULT_TAU,
         assigner: SoftEMAssigner | None = None,
@@ -272,6 +298,7 @@ class MixtureOfPromptsLoss(nn.Module):
         )
         self.entropy_weight = check_positive("entropy_weight", entropy_weight, allow_zero=True)
         self.mixture_weight = check_positive("mixture_weight", mixture_weight, allow_zero=True)
+        self.label_noise = check_unit_interval("label_noise", label_noise)
         self.aggregation: PF.Aggregation = check_choice(  # type: ignore[assignment]
             "aggregation", aggregation, PF.AGGREGATIONS
         )
@@ -372,6 +399,7 @@ class MixtureOfPromptsLoss(nn.Module):
         image_features: Tensor,
         subprompt_features: Tensor,
         labels: Tensor,
+        prior: Tensor | None = None,
         *,
         logit_scale: float | Tensor = PF.DEFAULT_LOGIT_SCALE,
         tau: float | None = None,
@@ -383,12 +411,21 @@ class MixtureOfPromptsLoss(nn.Module):
             image_features: `(batch, dim)`.
             subprompt_features: `(num_classes, K, dim)` (or `(num_classes, dim)`).
             labels: `(batch,)` integer classes.
+            prior: a 0-dim penalty on the prompt learner's parameters, added to the loss and
+                reported under `"prior"`: the learner's `prior_loss()`; `None` adds nothing.
             logit_scale: the classifier's scale, e.g. CLIP's `logit_scale.exp()`.
             tau: the E-step temperature; `None` takes the schedule's (or the fixed) one.
             **regularizer_inputs: what the parts need beyond the loss's own inputs, e.g.
                 `anchor_features=` for `PromptAnchor`.
         """
         tau = self.current_tau() if tau is None else check_positive("tau", tau)
+        if prior is not None:
+            prior = check_floating("prior", prior)
+            if prior.dim() != 0:
+                raise ValueError(
+                    f"prior must be a 0-dim tensor (e.g. prompts.prior_loss()) but has shape "
+                    f"{tuple(prior.shape)}."
+                )
         parts = self._parts()
         wanted = {name for _, _, inputs, _, _ in parts for name in inputs}
         unused = sorted(set(regularizer_inputs) - wanted)
@@ -420,14 +457,24 @@ class MixtureOfPromptsLoss(nn.Module):
             own = nan_where(invalid.unsqueeze(1), own)
 
         logits = self._class_logits(similarities, logit_scale, tau)
-        ce = F.cross_entropy(logits, labels) if batch else zero
+        # How much each label is trusted (an E-step over "is this label right"): constants that
+        # weigh the image's cross-entropy and its pull on the sub-prompts.
+        confidence = PF.label_confidence(logits, labels, label_noise=self.label_noise)
+        if not batch:
+            ce = zero
+        elif self.label_noise:
+            per_image = F.cross_entropy(logits, labels, reduction="none")
+            ce = (confidence * per_image).sum() / confidence.sum().clamp_min(1e-12)
+        else:
+            ce = F.cross_entropy(logits, labels)
 
         # The E-step, once: soft responsibilities with their gradient for the parts, and the
         # assigner's targets from the same scores.
         soft, assigned = self.assigner._estep(own, labels, tau=tau)
         targets = assigned.detach()
+        pull = targets * confidence.unsqueeze(1)
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(self.mixture_weight)):
-            mixture = (targets * (1 - own)).sum(dim=-1).mean() if batch else zero
+            mixture = (pull * (1 - own)).sum(dim=-1).mean() if batch else zero
 
         # Under DDP every process sees the classes of the *global* batch, so a run on N
         # processes matches one process with the same total batch. A mask, not
@@ -466,9 +513,15 @@ class MixtureOfPromptsLoss(nn.Module):
                 row_labels = distributed.gather_no_grad(labels)
             self.usage_estimate.update(rows, row_labels)
 
+        prior_term = zero if prior is None else prior
+        loss = loss + prior_term
         if invalid is not None:
             loss = nan_where(invalid.any(), loss)
-        builtin = {"diversity": terms.pop("diversity"), "entropy": terms.pop("entropy")}
+        builtin = {
+            "diversity": terms.pop("diversity"),
+            "entropy": terms.pop("entropy"),
+            "prior": prior_term,
+        }
         return {
             "loss": loss,
             "ce": ce,
@@ -477,6 +530,7 @@ class MixtureOfPromptsLoss(nn.Module):
             "tau": torch.tensor(tau),
             "logits": logits.detach(),
             "responsibilities": targets,
+            "label_confidence": confidence,
             **terms,
         }
 

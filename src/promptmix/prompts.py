@@ -481,15 +481,26 @@ def _encode_frozen(clip_model: nn.Module, token_ids: Tensor, chunk_size: ChunkSi
 class OffsetMixtureOfPrompts(nn.Module):
     r"""K sub-prompts per class as learned offsets from the class's frozen text feature.
 
-    Sub-prompt $k$ of class $c$ is $f_{ck} = (t_{ck} + o_{ck}) / \lVert t_{ck} + o_{ck} \rVert$
-    where $t_{ck}$ is the unit text feature of `templates[k].format(classname)`
-    (`f"{ctx_init} {classname}."` when no templates are given) and the offset $o$ = `offsets`
-    `(num_classes, K, dim)` is learned. The text tower runs once, at construction (no graph,
-    chunked, cut like `MixtureOfPrompts`); a training step is an add and a normalise. Any
-    open_clip model with `encode_text` works, including Hugging Face text towers, and the model
-    is not kept.
+    With `share_looks=True` (the default), sub-prompt $k$ of class $c$ is
 
-    The frozen features are a non-persistent buffer: `state_dict()` holds only `offsets`.
+    $$
+    f_{ck} = \frac{t_{ck} + a_c + s_k + e_{ck}}{\lVert t_{ck} + a_c + s_k + e_{ck} \rVert}
+    $$
+
+    where $t_{ck}$ is the unit text feature of `templates[k].format(classname)`
+    (`f"{ctx_init} {classname}."` when no templates are given), $a_c$ = `class_offsets`
+    `(num_classes, dim)` is the class's own part (the capacity of one CoOp prompt), $s_k$ =
+    `shared_offsets` `(K, dim)` a look shared by every class (a colour, a viewpoint: learned from
+    every class's images) and $e_{ck}$ = `offsets` `(num_classes, K, dim)` that look's correction
+    for the class. With `share_looks=False` only the offsets $e_{ck}$ exist (each class learns its
+    looks alone). `promptmix.initialize_from_kmeans` starts all three from the few-shot images
+    (`promptmix.functional.shared_look_start`), and `prior_loss()` is the prior that keeps the
+    mixture near its text: add it to the loss (`MixtureOfPromptsLoss(...)(..., prior=...)`).
+
+    The text tower runs once, at construction (no graph, chunked, cut like `MixtureOfPrompts`);
+    a training step is an add and a normalise. Any open_clip model with `encode_text` works,
+    including Hugging Face text towers, and the model is not kept. The frozen features are a
+    non-persistent buffer: `state_dict()` holds the offsets and `num_images`.
 
     Args:
         clip_model: open_clip model; it is used in eval mode and left as it was.
@@ -500,8 +511,15 @@ class OffsetMixtureOfPrompts(nn.Module):
             Ignored when `templates` is given.
         templates: Optional K templates with one `{}`, one per sub-prompt; distinct templates
             start the sub-prompts apart even without noise.
+        share_looks: learn a class part and K looks shared by all classes beside the per-class
+            offsets (`True`), or the per-class offsets alone.
+        text_prior_weight: weight $w_t \ge 0$ of the text anchor in `prior_loss`, per image of
+            prior (KgCoOp's 8 at one shot per class).
+        subprompt_prior_weight: weight $w_e \ge 0$ of the sub-prompt prior in `prior_loss`, per
+            image of prior.
         init_noise_std: Expected norm of each initial offset (normal, std
-            `init_noise_std / sqrt(dim)` per entry), relative to the unit text feature.
+            `init_noise_std / sqrt(dim)` per entry), relative to the unit text feature; it goes
+            to the shared looks (`share_looks=True`) or to the per-class offsets.
         chunk_size: Chunks when encoding at construction, as in `MixtureOfPrompts`.
         generator: Random generator for the initial offsets.
 
@@ -517,11 +535,16 @@ class OffsetMixtureOfPrompts(nn.Module):
         >>> prompts = OffsetMixtureOfPrompts(model, tokenizer, ["cat", "dog"], n_subprompts=3)
         >>> prompts().shape, prompts([1]).shape
         (torch.Size([2, 3, 32]), torch.Size([1, 3, 32]))
-        >>> list(prompts.state_dict())
-        ['offsets']
+        >>> sorted(prompts.state_dict())
+        ['class_offsets', 'num_images', 'offsets', 'shared_offsets']
+        >>> prompts.prior_loss().shape
+        torch.Size([])
     """
 
     text_features: Tensor
+    num_images: Tensor
+    class_offsets: nn.Parameter | None
+    shared_offsets: nn.Parameter | None
 
     def __init__(
         self,
@@ -532,6 +555,9 @@ class OffsetMixtureOfPrompts(nn.Module):
         n_subprompts: int = 8,
         ctx_init: str | None = "a photo of a",
         templates: Sequence[str] | None = None,
+        share_looks: bool = True,
+        text_prior_weight: float = 8.0,
+        subprompt_prior_weight: float = 4.0,
         init_noise_std: float = 0.1,
         chunk_size: ChunkSize = "auto",
         generator: torch.Generator | None = None,
@@ -540,6 +566,15 @@ class OffsetMixtureOfPrompts(nn.Module):
         self.classnames = _check_classnames(classnames)
         tokenizer = _check_tokenizer(tokenizer)
         self.n_subprompts = check_int("n_subprompts", n_subprompts, minimum=1)
+        if not isinstance(share_looks, bool):
+            raise TypeError(f"share_looks must be a bool but is {type(share_looks).__name__}.")
+        self.share_looks = share_looks
+        self.text_prior_weight = check_positive(
+            "text_prior_weight", text_prior_weight, allow_zero=True
+        )
+        self.subprompt_prior_weight = check_positive(
+            "subprompt_prior_weight", subprompt_prior_weight, allow_zero=True
+        )
         self.init_noise_std = check_positive("init_noise_std", init_noise_std, allow_zero=True)
         chunk_size = _check_chunk_size(chunk_size)
         if not isinstance(clip_model, nn.Module):
@@ -559,10 +594,19 @@ class OffsetMixtureOfPrompts(nn.Module):
         features = features[:, template_index.to(features.device)].contiguous()
         self.register_buffer("text_features", features, persistent=False)
 
-        dim = features.shape[-1]
-        noise = torch.randn(features.shape, generator=generator, dtype=torch.float32)
-        offsets = noise * (self.init_noise_std / math.sqrt(dim))
-        self.offsets = nn.Parameter(offsets.to(device=features.device, dtype=features.dtype))
+        num_classes, k, dim = features.shape
+        like = dict(device=features.device, dtype=features.dtype)
+        noise_shape = (k, dim) if share_looks else (num_classes, k, dim)
+        noise = torch.randn(noise_shape, generator=generator, dtype=torch.float32)
+        noise = (noise * (self.init_noise_std / math.sqrt(dim))).to(**like)
+        self.offsets = nn.Parameter(
+            torch.zeros(num_classes, k, dim, **like) if share_looks else noise
+        )
+        self.class_offsets = nn.Parameter(torch.zeros(num_classes, dim, **like)) if share_looks else None
+        self.shared_offsets = nn.Parameter(noise) if share_looks else None
+        # The number of training images the priors are weighed against; set by
+        # `initialize_from_kmeans`, and one image per class until then.
+        self.register_buffer("num_images", torch.tensor(float(num_classes), **like))
 
     @property
     def num_classes(self) -> int:
@@ -574,6 +618,15 @@ class OffsetMixtureOfPrompts(nn.Module):
         """Dimension of the sub-prompt features."""
         return int(self.text_features.shape[-1])
 
+    def _moved(self, ids: Tensor | None, *, corrections: bool) -> Tensor:
+        """`t + a + s (+ e)` of the classes `ids` (all for `None`), unnormalised."""
+        text = self.text_features if ids is None else self.text_features[ids]
+        moved = text + (self.offsets if ids is None else self.offsets[ids]) if corrections else text
+        if self.class_offsets is not None and self.shared_offsets is not None:
+            own = self.class_offsets if ids is None else self.class_offsets[ids]
+            moved = moved + own[:, None] + self.shared_offsets[None]
+        return moved
+
     def forward(self, class_ids: Tensor | Sequence[int] | None = None) -> Tensor:
         """Sub-prompt features of all classes, or of `class_ids` only.
 
@@ -584,10 +637,42 @@ class OffsetMixtureOfPrompts(nn.Module):
             L2-normalised sub-prompt features `(num_classes, K, dim)` or `(n, K, dim)`.
         """
         ids = _check_class_ids(class_ids, self.num_classes)
-        if ids is None:
-            return F.normalize(self.text_features + self.offsets, dim=-1)
-        ids = ids.to(self.offsets.device)
-        return F.normalize(self.text_features[ids] + self.offsets[ids], dim=-1)
+        if ids is not None:
+            ids = ids.to(self.offsets.device)
+        return F.normalize(self._moved(ids, corrections=True), dim=-1)
+
+    def prior_loss(self) -> Tensor:
+        r"""The prior that keeps the mixture near its text: a scalar to add to the loss.
+
+        $$
+        P = \frac{w_t}{N} \sum_c \bigl(1 - \cos(\bar t_c + a_c,\ \bar t_c)\bigr)
+          + \frac{w_e}{N} \sum_{c,k} \bigl(1 - \cos(f_{ck},\ t_{ck} + a_c + s_k)\bigr)
+        $$
+
+        The first term is KgCoOp's anchor on the class part alone ($\bar t_c$ the class's mean
+        text feature; zero without `share_looks`), so it never pulls the shared looks together.
+        The second keeps each sub-prompt near its class part plus its shared look (near its text
+        without `share_looks`). Both are summed over classes and divided by the number of
+        training images $N$ = `num_images`, as a prior of fixed worth is against a mean loss: at
+        one shot per class the anchor weighs KgCoOp's 8, at 16 shots half a unit, so the text
+        prior rules where images are few and fades where they are many.
+
+        Returns:
+            0-dim tensor with gradient to the offsets.
+        """
+        class_text = F.normalize(self.text_features.mean(dim=1), dim=-1)
+        text_term = self.offsets.new_zeros(())
+        if self.class_offsets is not None:
+            cosine = F.cosine_similarity(class_text + self.class_offsets, class_text, dim=-1)
+            text_term = (1 - cosine).sum() / self.num_images
+        features = self._moved(None, corrections=True)
+        centres = self._moved(None, corrections=False)
+        distance = 1 - F.cosine_similarity(features, centres, dim=-1)
+        subprompt_term = distance.sum() / self.num_images
+        return self.text_prior_weight * text_term + self.subprompt_prior_weight * subprompt_term
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, n_subprompts={self.n_subprompts}"
+        return (
+            f"num_classes={self.num_classes}, n_subprompts={self.n_subprompts}, "
+            f"share_looks={self.share_looks}"
+        )

@@ -1,10 +1,10 @@
 """The maths of promptmix as pure functions; the modules are thin, validated wrappers around them.
 
 One file per topic: `similarity` (cosines and class logits), `estep` (responsibilities and
-Sinkhorn), `entropy`, `diversity`, `schedule`, `kmeans` (data-driven starting points), `usage`
-(the running usage estimate, a usage floor, reviving dead sub-prompts), and the field's
-regularizers: `anchors`
-(KgCoOp/PromptSRC), `consistency` (zero-shot distillation), `text_to_text` (LASP) and
+Sinkhorn), `label_noise` (how far to trust each label), `entropy`, `diversity`, `schedule`,
+`kmeans` and `looks` (data-driven starting points: per-class centroids, or looks shared by all
+classes with a start shrunk toward the text), `usage` (the running usage estimate, a usage
+floor, reviving dead sub-prompts), and the field's regularizers: `anchors` (KgCoOp/PromptSRC), `consistency` (zero-shot distillation), `text_to_text` (LASP) and
 `dispersion` (DAPT). Shapes use `B` for the batch, `C` for classes, `K` for sub-prompts per class
 and `D` for the embedding dimension; sub-prompt features are `(C, K, D)` everywhere, and
 `(C, D)` is read as `K = 1`. Every function accepts raw (unnormalised) features and normalises
@@ -50,6 +50,8 @@ from promptmix.functional.estep import (
     sinkhorn,
 )
 from promptmix.functional.kmeans import KMeansResult, kmeans_subprompts, spherical_kmeans
+from promptmix.functional.label_noise import label_confidence
+from promptmix.functional.looks import SharedLookStart, shared_look_start, shrunk_group_means
 from promptmix.functional.schedule import temperature_at
 from promptmix.functional.similarity import (
     class_logits,
@@ -72,6 +74,7 @@ __all__ = [
     "entropy",
     "image_prototype_loss",
     "kmeans_subprompts",
+    "label_confidence",
     "own_class_similarities",
     "pairwise_cosine",
     "prompt_anchor_loss",
@@ -79,6 +82,8 @@ __all__ = [
     "responsibilities_from_similarities",
     "revive_dead_subprompts",
     "running_usage",
+    "shared_look_start",
+    "shrunk_group_means",
     "sinkhorn",
     "spherical_kmeans",
     "subprompt_similarities",
