@@ -15,11 +15,8 @@ left ``null`` is promptmix's own default (``examples/configs/default.yaml`` list
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,20 +31,21 @@ from cars.clip import (
     autocast,
     autocast_dtype,
     encode_images,
+    encode_test,
     load_clip,
     text_features,
 )
-from cars.config import RANDOM_CONTEXT, check_resumable, differences, load, parse_args, to_yaml
+from cars.config import RANDOM_CONTEXT, evaluation_settings, parse_args, to_yaml, training_settings
 from cars.data import load_few_shot
+from cars.schedule import warmup_cosine
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from tqdm.auto import tqdm
 
 import promptmix
 
 logger = logging.getLogger("train_cars")
 EXIT_OK, EXIT_NONFINITE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-TERMS = ("loss", "ce", "mixture", "diversity", "entropy")  # the loss's scalars, as it names them
+TERMS = ("loss", "ce", "mixture", "diversity", "entropy", "prior")  # the loss's scalars, by name
 
 
 def given(**options: Any) -> dict[str, Any]:
@@ -56,19 +54,12 @@ def given(**options: Any) -> dict[str, Any]:
     return {name: value for name, value in options.items() if value is not None}
 
 
-def command(*arguments: object) -> str:
-    """The command that runs this script with ``arguments``: this Python, this file."""
-    python = "python" if shutil.which("python") == sys.executable else sys.executable
-    script = os.path.relpath(__file__)
-    script = __file__ if script.startswith("..") else script
-    return " ".join([python, script, *map(str, arguments)])
-
-
 # --- CLIP's text side: the learner -------------------------------------------------------------
 
 
 def build_learner(cfg: DictConfig, clip: Clip, classnames: list[str]) -> nn.Module:
-    """K sub-prompts per class on the frozen text tower: CoOp contexts, or offsets of the text."""
+    """K sub-prompts per class on the frozen text tower: offsets of the text (a class part, K
+    looks shared by all classes, per-class corrections), or CoOp contexts."""
     m = cfg.model
     options = given(n_subprompts=m.n_subprompts, ctx_init=m.ctx_init,
                     init_noise_std=m.init_noise_std)
@@ -78,7 +69,10 @@ def build_learner(cfg: DictConfig, clip: Clip, classnames: list[str]) -> nn.Modu
     text = (clip.model, clip.tokenizer, classnames)
     try:
         if m.learner == "offset":
-            return promptmix.OffsetMixtureOfPrompts(*text, **options)
+            return promptmix.OffsetMixtureOfPrompts(
+                *text, **options,
+                **given(share_looks=m.share_looks, text_prior_weight=m.text_prior_weight,
+                        subprompt_prior_weight=m.subprompt_prior_weight))
         return promptmix.MixtureOfPrompts(
             *text, **options,
             **given(n_ctx=m.n_ctx, class_specific=m.class_specific,
@@ -95,25 +89,24 @@ def build_learner(cfg: DictConfig, clip: Clip, classnames: list[str]) -> nn.Modu
 def build_loss(cfg: DictConfig, clip: Clip, classnames: list[str], n_subprompts: int,
                total_steps: int, *, sync: bool, regularize: bool = True,
                ) -> promptmix.MixtureOfPromptsLoss:
-    """Cross-entropy + EM pull + diversity - entropy (+ the field's regularizers), tau annealed."""
+    """Cross-entropy + EM pull + diversity - entropy (+ the field's regularizers), each image
+    weighed by the posterior that its label is right; tau annealed."""
     m = cfg.model
     tau = promptmix.TemperatureSchedule(
         **given(start=m.em_tau_start, end=m.em_tau_end, kind=m.em_tau_schedule),
         total_steps=total_steps)
-    assigner = None
-    if m.assignment is not None or m.sinkhorn_iterations is not None:
-        assigner = promptmix.SoftEMAssigner(
-            **given(mode=m.assignment, sinkhorn_iterations=m.sinkhorn_iterations),
-            sync_distributed=sync)
-    entropy = None
-    if m.entropy_mode is not None:
-        entropy = promptmix.AssignmentEntropy(mode=m.entropy_mode, sync_distributed=sync)
+    assigner = promptmix.SoftEMAssigner(**given(mode=m.assignment,
+                                                sinkhorn_iterations=m.sinkhorn_iterations),
+                                        sync_distributed=sync)
+    entropy = promptmix.AssignmentEntropy(**given(mode=m.entropy_mode), sync_distributed=sync)
     return promptmix.MixtureOfPromptsLoss(
         **given(mixture_weight=m.mixture_loss_weight, diversity_weight=m.diversity_loss_weight,
-                entropy_weight=m.entropy_loss_weight, aggregation=m.aggregation,
-                assigner=assigner, entropy=entropy),
+                entropy_weight=m.entropy_loss_weight, label_noise=m.label_noise,
+                aggregation=m.aggregation, assigner=assigner, entropy=entropy),
         tau=tau, sync_distributed=sync,
-        # The running usage of each class's sub-prompts, as the docs' own loop keeps it.
+        # The running usage of each class's sub-prompts, which the entropy term reads (a class
+        # has few images in a batch). At the default entropy weight 0 it changes no gradient,
+        # only the logged entropy; it matters once model.entropy_loss_weight > 0.
         usage_estimate=promptmix.UsageEstimate(num_classes=len(classnames),
                                                n_subprompts=n_subprompts),
         regularizers=build_regularizers(cfg, clip, classnames) if regularize else None)
@@ -143,21 +136,6 @@ def build_regularizers(cfg: DictConfig, clip: Clip, classnames: list[str]) -> di
         terms["dispersion"] = (promptmix.InterClassDispersion(
             **given(bandwidth=m.dispersion_bandwidth)), m.dispersion_loss_weight)
     return terms
-
-
-def warmup_cosine(train: DictConfig, steps_per_epoch: int) -> Any:
-    """The learning rate's factor per step: linear warm-up from ``warmup_start_lr``, then a
-    cosine down to ``min_lr``."""
-    warmup, total = round(train.warmup_epochs * steps_per_epoch), train.epochs * steps_per_epoch
-    start, floor = train.warmup_start_lr / train.lr, train.min_lr / train.lr
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return start + (1.0 - start) * step / warmup
-        progress = min((step - warmup) / max(1, total - warmup), 1.0)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 # --- Evaluation and the collapse diagnostics ---------------------------------------------------
@@ -206,21 +184,13 @@ def train(cfg: DictConfig, runtime: distributed.Runtime, run_log: files.RunLog,
     """Train the prompts of ``cfg``; returns the final numbers. Nothing is written before every
     setting, file and checkpoint has been checked."""
     folder, t, device = files.RunFolder(cfg.output.output_dir), cfg.train, runtime.device
-    checkpoint = files.read_checkpoint(resume, "--resume") if resume else None
-    if checkpoint is None:
-        folder.check_new("--output-dir")
-    else:
-        check_resumable(checkpoint, cfg, resume)  # type: ignore[arg-type]
-        files.check_writable(folder.root, "--output-dir")
+    checkpoint = files.open_run(folder, cfg, resume)  # None: a new run
     files.seed_everything(t.seed)
 
     # Data: the few-shot training images and the test images.
-    data = load_few_shot(cfg.data.root, cfg.data.layout, cfg.data.split_file, shots=t.shots,
-                         seed=t.seed, which=cfg.data.subsample_classes)
+    data = load_few_shot(cfg.data, shots=t.shots, seed=t.seed)
     plots.check_classes(cfg.output.plot_classes, len(data.classnames))
-    if checkpoint is not None and checkpoint["train_files"] != data.train_files():
-        raise UsageError(f"--resume {resume}: expected the few-shot images it was trained on, "
-                         "got others (another dataset folder or layout)")
+    files.check_same_images(checkpoint, data.train_files(), resume)
 
     # CLIP, frozen, and the learner: K sub-prompts per class. The images are encoded once.
     clip = load_clip(cfg.model, device)
@@ -233,11 +203,13 @@ def train(cfg: DictConfig, runtime: distributed.Runtime, run_log: files.RunLog,
     train_set = (features.train, features.train_labels)
     test_set = (features.test, features.test_labels)
 
-    # Initialisation: promptmix's documented start, per-class k-means of the training images.
+    # Initialisation, promptmix's one call: the offset learner's class parts, shared looks and
+    # corrections start from the images (shrunk toward the text); it sets the prior's image count.
     if checkpoint is None and cfg.model.init == "kmeans":
         promptmix.initialize_from_kmeans(learner, *train_set,
+                                         **given(prior_count=cfg.model.prior_count),
                                          generator=torch.Generator().manual_seed(t.seed))
-        logger.info("sub-prompts start at the per-class k-means centroids of the training images")
+        logger.info("the start: initialize_from_kmeans on %d training images", len(train_set[1]))
 
     # Loss, optimiser, and the two schedules stepped every iteration: learning rate and tau.
     batches = features.batches
@@ -267,22 +239,20 @@ def train(cfg: DictConfig, runtime: distributed.Runtime, run_log: files.RunLog,
     if runtime.is_main:
         files.write_text(folder.config, to_yaml(cfg))
         run_log.write_to(folder.log, since=log_since)
-    # A resumed run drops the records after its checkpoint, and writes them again identically.
-    kept = None if checkpoint is None else (step if epoch else -1)
-    metrics = files.MetricsLog(folder.metrics, resume_step=kept,
-                               tensorboard=folder.tensorboard if cfg.output.tensorboard else None,
-                               enabled=runtime.is_main)
+    metrics = files.MetricsLog.of_run(folder, cfg.output.tensorboard, runtime,
+                                      resumed_at=None if checkpoint is None else (epoch, step))
     if checkpoint is None:
         checkpoints.save(0, 0)  # a run can be resumed from its very start
     model = distributed.wrap(learner, runtime)
+    # The learner's prior, passed to the loss: OffsetMixtureOfPrompts keeps its class parts near
+    # the text (KgCoOp) and each sub-prompt near its class part + look. MixtureOfPrompts has none.
+    prior_loss = getattr(learner, "prior_loss", None)
     terms, first, start = (*TERMS, *loss_fn.regularizers), epoch + 1, None
     try:
         if epoch == 0:  # the start, to see what training adds
             subprompts = subprompt_features(learner, device, amp)
             start = score(subprompts, *test_set)
-            logger.info("step 0, the start: test top-1 %.2f%%", start["accuracy"])
-            metrics.write({"event": "eval", "epoch": 0, "step": 0, "test_accuracy":
-                           start["accuracy"]} | score(subprompts, *train_set)["summary"])
+            files.log_start(metrics, start, score(subprompts, *train_set))
 
         # The loop: forward, loss, backward, optimiser and schedule steps; after each epoch the
         # collapse diagnostics, the test accuracy and a checkpoint.
@@ -291,14 +261,13 @@ def train(cfg: DictConfig, runtime: distributed.Runtime, run_log: files.RunLog,
             loss_fn.train()
             seconds, totals = time.perf_counter(), torch.zeros(len(terms), device=device)
             show = runtime.is_main and cfg.output.progress_bar
-            for image_features, labels in tqdm(batches.epoch(epoch), total=len(batches),
-                                               desc=f"epoch {epoch}", leave=False,
-                                               disable=None if show else True):
+            for image_features, labels in files.progress(batches, epoch, show=show):
                 step += 1
                 tau, lr = loss_fn.current_tau(), optimizer.param_groups[0]["lr"]
                 with autocast(device, amp):
                     subprompts = model()
                 out = loss_fn(image_features.float(), subprompts.float(), labels,
+                              prior=prior_loss() if prior_loss else None,
                               logit_scale=clip.logit_scale)
                 values = torch.stack([out[name].detach().float() for name in terms])
                 distributed.check_finite(dict(zip(terms, values, strict=True)), epoch, step,
@@ -331,19 +300,11 @@ def train(cfg: DictConfig, runtime: distributed.Runtime, run_log: files.RunLog,
                 parts["prompt_average"].update()
             subprompts = subprompt_features(learner, device, amp)
             on_train = score(subprompts, *train_set)
-            done = {"event": "epoch", "epoch": epoch, "step": step, "tau": loss_fn.current_tau()}
-            done |= {f"train_{term}": mean for term, mean in zip(terms, means, strict=True)}
-            done |= on_train["summary"] | {"train_accuracy": on_train["accuracy"]}
-            line = f"epoch {epoch}/{t.epochs}: loss {means[0]:.4f} (ce {means[1]:.4f})"
-            if epoch % t.eval_every == 0 or epoch == t.epochs:
-                done["test_accuracy"] = score(subprompts, *test_set)["accuracy"]
-                line += f", test top-1 {done['test_accuracy']:.2f}%"
-            logger.info("%s, tau %.3f [%.1fs]", line, done["tau"], time.perf_counter() - seconds)
-            if learner.n_subprompts > 1:  # one prompt per class cannot collapse
-                logger.debug("epoch %d: %s", epoch, on_train["report"].message)
-                if on_train["collapse"]:
-                    logger.warning("epoch %d: %s", epoch, on_train["collapse"])
-            metrics.write(done)
+            tested = epoch % t.eval_every == 0 or epoch == t.epochs
+            files.log_epoch(metrics, epoch, t.epochs, step, loss_fn.current_tau(),
+                            dict(zip(terms, means, strict=True)), on_train,
+                            score(subprompts, *test_set)["accuracy"] if tested else None,
+                            seconds=time.perf_counter() - seconds)
             checkpoints.save(epoch, step)
 
         # The final prompts (PromptSRC's average, if asked): their evaluation and pictures.
@@ -352,16 +313,11 @@ def train(cfg: DictConfig, runtime: distributed.Runtime, run_log: files.RunLog,
             checkpoints.save(epoch, step)
         subprompts = subprompt_features(learner, device, amp)
         final, on_train = score(subprompts, *test_set), score(subprompts, *train_set)
-        metrics.write({"event": "final", "epoch": epoch, "step": step, "test_accuracy":
-                       final["accuracy"], "prompt_average": "prompt_average" in parts}
-                      | on_train["summary"])
+        files.log_final(metrics, epoch, step, final, on_train, "prompt_average" in parts)
         if runtime.is_main and cfg.output.plots:
             plots.draw_all(cfg.output, folder, data, on_train["responsibilities"], subprompts)
     except KeyboardInterrupt:
-        raise Stopped(f"interrupted at epoch {epoch}, step {step} (the checkpoint holds epoch "
-                      f"{checkpoints.saved[0]}, step {checkpoints.saved[1]}); resume with: "
-                      f"{command('--config', folder.config, '--resume')}", EXIT_INTERRUPTED,
-                      ) from None
+        raise files.interrupted(epoch, step, checkpoints.saved, folder) from None
     finally:
         metrics.close()
         run_log.stop(folder.log)
@@ -376,50 +332,29 @@ def evaluate_checkpoint(args: Any, run_log: files.RunLog) -> dict[str, Any]:
     """``--evaluate``: the prompts of a checkpoint on the test classes of its settings (or of
     ``--config``'s), into a folder of its own. The checkpoint is read first, and nothing of
     training is done: no k-means start, no training image encoded."""
-    checkpoint_path = args.evaluate
-    checkpoint = files.read_checkpoint(checkpoint_path, "--evaluate")
-    cfg = load(args.config, args.overrides, flags=args.flags,
-               base=None if args.config else checkpoint["config"])
-    changed = differences(checkpoint["config"], cfg, only=("model.",))
-    if changed:
-        raise UsageError(f"--evaluate {checkpoint_path}: expected the model settings it was "
-                         f"trained with, got other ones ({'; '.join(changed)})")
-    folder = files.evaluation_folder(checkpoint_path, cfg.data.subsample_classes, args.output_dir)
+    path = args.evaluate
+    checkpoint = files.read_checkpoint(path, "--evaluate")
+    cfg = evaluation_settings(args, checkpoint)  # the model settings it was trained with
+    folder = files.evaluation_folder(path, cfg.data.subsample_classes, args.output_dir)
     with distributed.session(cfg.train.device) as runtime:
-        device = runtime.device
-        data = load_few_shot(cfg.data.root, cfg.data.layout, cfg.data.split_file,
-                             shots=cfg.train.shots, seed=cfg.train.seed,
-                             which=cfg.data.subsample_classes)
+        device, amp = runtime.device, autocast_dtype(cfg.train.precision, runtime.device)
+        data = load_few_shot(cfg.data, shots=cfg.train.shots, seed=cfg.train.seed)
         clip = load_clip(cfg.model, device)
         learner = build_learner(cfg, clip, data.classnames).to(device)
-        if checkpoint["classnames"] != data.classnames and getattr(learner, "class_specific", 1):
-            raise UsageError(
-                f"--evaluate {checkpoint_path}: expected prompts that carry over to other "
-                f"classes, got one set per class ({len(checkpoint['classnames'])} classes); "
-                "train with model.learner=mixture model.class_specific=false for base-to-new")
-        files.load_trainable_state_dict(learner, checkpoint["learner"], checkpoint_path)
+        files.check_classes(checkpoint, data.classnames, learner, path)
+        files.load_trainable_state_dict(learner, checkpoint["learner"], path)
         loss_fn = build_loss(cfg, clip, data.classnames, learner.n_subprompts,
                              checkpoint["total_steps"], sync=False, regularize=False).to(device)
         # The temperature the training ended at (its usage estimate belongs to its classes).
-        schedule = {k: v for k, v in checkpoint["objective"].items() if k.startswith("schedule.")}
-        loss_fn.load_state_dict(schedule, strict=False)
-        amp = autocast_dtype(cfg.train.precision, device)
-        features = ImageEncoder(clip, device, amp).encode(
-            data.test, runtime, batch_size=cfg.train.encode_batch_size,
-            num_workers=cfg.train.num_workers)
-        labels = torch.tensor([sample.label for sample in data.test], device=device)
+        loss_fn.load_state_dict({k: v for k, v in checkpoint["objective"].items()
+                                 if k.startswith("schedule.")}, strict=False)
+        test_set = encode_test(ImageEncoder(clip, device, amp), data.test, cfg.train, runtime)
         result = evaluate(cfg, loss_fn, clip.logit_scale,
-                          subprompt_features(learner, device, amp), features, labels)
-        logger.info("prompts of %s on the %s classes (%d): %s", checkpoint_path,
-                    cfg.data.subsample_classes, len(data.classnames), result["report"].message)
-        numbers = {"checkpoint": str(checkpoint_path), "epoch": checkpoint["epoch"],
-                   "classes": cfg.data.subsample_classes, "num_classes": len(data.classnames),
-                   "folder": str(folder), "test_accuracy": result["accuracy"],
-                   "diagnostics": "on the test images"} | result["summary"]
+                          subprompt_features(learner, device, amp), *test_set)
+        numbers = files.evaluation_record(path, checkpoint, cfg.data.subsample_classes,
+                                          len(data.classnames), folder, result)
         if runtime.is_main:
-            files.write_text(folder / "config.yaml", to_yaml(cfg))
-            files.write_text(folder / "eval.json", json.dumps(numbers, indent=2) + "\n")
-            run_log.write_to(folder / "eval.log")
+            files.write_evaluation(folder, to_yaml(cfg), numbers, run_log)
     return numbers
 
 
@@ -432,29 +367,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args = parse_args(argv)
             if args.demo:  # the demo's world, and each of its rows trained by train()
-                demo.run(args, run_log, train=train, command=command)
+                demo.run(args, run_log, train=train)
             elif args.evaluate is not None:
-                numbers = evaluate_checkpoint(args, run_log)
-                print(f"{numbers['test_accuracy']:.2f}% test top-1 on the {numbers['classes']} "
-                      f"classes ({numbers['num_classes']}); written to {numbers['folder']}")
+                print(files.evaluation_line(evaluate_checkpoint(args, run_log)))
             else:
-                cfg = load(args.config or Path(__file__).parent / "configs" / "default.yaml",
-                           args.overrides, flags=args.flags)
-                if cfg.data.root is None:
-                    raise UsageError("--data-root: expected the Stanford Cars folder, got none "
-                                     "(or try --demo)")
+                cfg = training_settings(args)
                 resume = args.resume_from or (
                     files.RunFolder(cfg.output.output_dir).checkpoint if args.resume else None)
                 with distributed.session(cfg.train.device) as runtime:
                     result = train(cfg, runtime, run_log, resume)
                 if runtime.is_main:
-                    final, start = result["final"], result["start"]
-                    report = result["train"]["report"]
-                    print(f"{final['accuracy']:.2f}% test top-1"
-                          + (f" ({start['accuracy']:.2f}% at step 0)" if start else "")
-                          + f"; dominant share {report.dominant_share:.2f}, effective K "
-                          f"{report.effective_subprompts:.2f}, {len(report.collapsed_classes)} "
-                          f"collapsed classes; run in {result['folder']}")
+                    print(files.result_line(result))
             return EXIT_OK
         except UsageError as error:
             for message in error.messages:

@@ -124,13 +124,13 @@ def write_folders(original_base: Path, root: Path, *, with_devkit: bool) -> Path
 
 
 def old_config(path: Path, **train: Any) -> Path:
-    """A config written before the regularisers existed: no diversity, entropy or tau keys."""
+    """A config written before the regularisers existed: no diversity, entropy or tau keys, no
+    learner (the schema's: the offset learner of promptmix's recipe)."""
     lines = [
         "model:",
         "  clip_name: tiny-random",
         "  pretrained: null",
         "  n_subprompts: 2",
-        "  n_ctx: 4",
         "  ctx_init: a photo of a",
         "train:",
         "  shots: 4",

@@ -21,6 +21,7 @@ LIBRARY_OPTIONS = (
     "diversity_loss_weight", "entropy_loss_weight", "anchor_distance", "zero_shot_temperature",
     "zero_shot_reduction", "zero_shot_average_over_classes", "text_to_text_noise_std",
     "dispersion_bandwidth", "prograd_strength", "prompt_averaging_mean", "prompt_averaging_std",
+    "share_looks", "text_prior_weight", "subprompt_prior_weight", "prior_count", "label_noise",
 )
 
 
@@ -103,7 +104,7 @@ def test_unknown_key_is_named_with_the_closest_valid_key(
         ("model.em_tau_end=0", "model.em_tau_end: expected a finite number > 0, got 0.0"),
         ("train.shots", "overrides: expected key=value, got train.shots"),
         ("model.zero_shot_reduction=none", "expected one of mean, sum, got 'none'"),
-        ("train.warmup_epochs=60", "train.warmup_epochs: expected at most train.epochs (50)"),
+        ("train.warmup_epochs=60", "train.warmup_epochs: expected at most train.epochs (8)"),
         ("model.prograd=true", "model.prograd: expected false unless model.zero_shot_loss_weight"),
     ],
 )
@@ -124,9 +125,69 @@ def test_every_bad_key_of_a_config_is_reported_at_once(tmp_path: Path) -> None:
 
 
 def test_context_length_must_match_its_words() -> None:
+    mixture = "model.learner=mixture"
     with pytest.raises(UsageError, match=r"model.n_ctx: expected the 4 tokens of model.ctx_init"):
-        cars_config.load(None, ["model.n_ctx=3", "model.ctx_init=a photo of a"])
-    assert cars_config.load(None, ["model.n_ctx=16", "model.ctx_init=random"]).model.n_ctx == 16
+        cars_config.load(None, [mixture, "model.n_ctx=3", "model.ctx_init=a photo of a"])
+    cfg = cars_config.load(None, [mixture, "model.n_ctx=16", "model.ctx_init=random"])
+    assert cfg.model.n_ctx == 16
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.label_noise=1", "model.label_noise: expected a number in [0, 1), got 1.0"),
+        ("model.label_noise=nan", "model.label_noise: expected a number in [0, 1), got nan"),
+        ("model.text_prior_weight=-1",
+         "model.text_prior_weight: expected a finite number >= 0, got -1.0"),
+        ("model.subprompt_prior_weight=inf",
+         "model.subprompt_prior_weight: expected a finite number >= 0, got inf"),
+        ("model.prior_count=-4", "model.prior_count: expected a finite number >= 0, got -4.0"),
+        ("model.share_looks=maybe",
+         "model.share_looks in the command line: expected true or false or null, got 'maybe'"),
+    ],
+)
+def test_the_recipe_keys_are_checked(override: str, expected: str) -> None:
+    with pytest.raises(UsageError) as error:
+        cars_config.load(None, [override])
+    assert error.value.messages == [expected]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model.learner=mixture", "model.share_looks=false"],
+         "model.share_looks: expected null with model.learner=mixture (an option of "
+         "OffsetMixtureOfPrompts: model.learner=offset), got False"),
+        (["model.n_ctx=4"], "model.n_ctx: expected null with model.learner=offset (an option of "
+         "MixtureOfPrompts: model.learner=mixture), got 4"),
+        (["model.ctx_init=random"], "model.ctx_init: expected words with model.learner=offset"),
+        (["model.init=text", "model.prior_count=2"],
+         "model.prior_count: expected null unless model.learner=offset, model.init=kmeans and "
+         "shared looks"),
+        (["model.share_looks=false", "model.prior_count=2"], "model.prior_count: expected null"),
+    ],
+)
+def test_options_the_learner_or_start_would_ignore_are_refused(
+    overrides: list[str], expected: str
+) -> None:
+    with pytest.raises(UsageError) as error:
+        cars_config.load(None, overrides)
+    (message,) = error.value.messages
+    assert message.startswith(expected)
+
+
+def test_the_recipe_is_the_default_and_its_options_fall_through_to_promptmix() -> None:
+    """default.yaml and stanford_cars.yaml train the recipe: the offset learner, the k-means
+    start, Adam at 5e-3 without decay or clipping, and every promptmix option left null."""
+    for name in ("default.yaml", "stanford_cars.yaml"):
+        cfg = cars_config.load(CONFIGS / name)
+        assert (cfg.model.learner, cfg.model.init) == ("offset", "kmeans")
+        train = cfg.train
+        assert (train.optimizer, train.lr, train.weight_decay) == ("adamw", 0.005, 0.0)
+        assert (train.min_lr, train.warmup_epochs, train.grad_clip_norm) == (None, 0.0, None)
+        recipe = ("share_looks", "text_prior_weight", "subprompt_prior_weight", "prior_count",
+                  "label_noise", "mixture_loss_weight", "entropy_loss_weight", "em_tau_end")
+        assert all(cfg.model[key] is None for key in recipe)
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.distributed
 
 # Terms the global batch determines: with marginal entropy and the diversity term's classes
 # gathered across processes, two processes with 4 images each must report what one process with
-# those 8 images reports, total loss included.
-GLOBAL_BATCH_TERMS = ("loss", "ce", "mixture", "diversity", "entropy", "tau", "lr")
+# those 8 images reports, total loss included (and the learner's prior, the same in both).
+GLOBAL_BATCH_TERMS = ("loss", "ce", "mixture", "diversity", "entropy", "prior", "tau", "lr")
 
 
 def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:

@@ -78,12 +78,18 @@ def _refused(capsys: pytest.CaptureFixture[str], *argv: object, lines: int = 1) 
 # The issue's probes of bad values: (overrides, what the one line names, what it expects).
 BAD_VALUES = [
     (["train.grad_clip_norm=-1"], "train.grad_clip_norm", "expected a finite number > 0, or null"),
-    (["train.min_lr=-1"], "train.min_lr", "expected a finite number >= 0, got -1.0"),
+    (["train.min_lr=-1"], "train.min_lr", "expected a finite number >= 0, or null (no decay), "
+     "got -1.0"),
     (["train.warmup_start_lr=-0.01"], "train.warmup_start_lr", "got -0.01"),
     (["model.mixture_loss_weight=inf"], "model.mixture_loss_weight", "got inf"),
     (["model.sinkhorn_iterations=0"], "model.sinkhorn_iterations", "expected an integer >= 1"),
     (["train.seed=-1"], "train.seed", "expected an integer >= 0, got -1"),
-    (["model.n_ctx=3"], "model.n_ctx", "expected the 4 tokens of model.ctx_init 'a photo of a'"),
+    (["model.learner=mixture", "model.n_ctx=3"], "model.n_ctx",
+     "expected the 4 tokens of model.ctx_init 'a photo of a'"),
+    (["model.label_noise=1.5"], "model.label_noise", "expected a number in [0, 1), got 1.5"),
+    (["model.prior_count=-1"], "model.prior_count", "expected a finite number >= 0, got -1.0"),
+    (["model.learner=mixture", "model.share_looks=true"], "model.share_looks",
+     "expected null with model.learner=mixture"),
     (["output.collapse_share_threshold=5"], "output.collapse_share_threshold", "[0, 1], got 5"),
     (["model.prompt_averaging_mean=nan"], "model.prompt_averaging_mean", "got nan"),
     (["train.lr=0"], "train.lr", "expected a finite number > 0, got 0.0"),
@@ -242,9 +248,9 @@ def test_evaluate_with_other_model_settings_names_them(
 ) -> None:
     before = _hashes(trained)
     (line,) = _refused(capsys, "--evaluate", trained / "checkpoints" / "last.pt",
-                       "model.n_subprompts=3", "model.learner=offset")
+                       "model.n_subprompts=3", "model.share_looks=false")
     assert "expected the model settings it was trained with, got other ones (" in line
-    assert "model.learner: 'mixture' -> 'offset'; model.n_subprompts: 2 -> 3)" in line
+    assert "model.n_subprompts: 2 -> 3; model.share_looks: None -> False)" in line
     assert _hashes(trained) == before
 
 
@@ -297,6 +303,35 @@ def test_resume_from_a_truncated_checkpoint(
     (line,) = _refused(capsys, "--config", copy / "config.yaml", "--output-dir", copy, "--resume")
     assert f"--resume {checkpoint}: expected a train_cars.py checkpoint, got a truncated" in line
     assert _hashes(copy) == before
+
+
+def test_a_checkpoint_from_before_shared_looks_is_evaluated_as_it_trained_and_not_resumed(
+    data_root: Path, config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Format 2: OffsetMixtureOfPrompts without shared looks; its null settings meant the loss's
+    old defaults, so --resume refuses it in one line and --evaluate reads it with a warning."""
+    import torch
+
+    run_folder = tmp_path / "run"
+    argv = ["--config", config, "--data-root", data_root, "output.plots=false"]
+    assert run(capsys, *argv, "--output-dir", run_folder, "model.share_looks=false")[0] == 0
+    evaluated = run(capsys, "--evaluate", run_folder / "checkpoints" / "last.pt")[1]
+    checkpoint = run_folder / "checkpoints" / "last.pt"
+    old = torch.load(checkpoint, weights_only=True)
+    old["format"] = 2
+    del old["learner"]["num_images"]  # the learner of then held its offsets alone
+    for key in ("share_looks", "text_prior_weight", "subprompt_prior_weight", "prior_count",
+                "label_noise"):
+        del old["config"]["model"][key]
+    torch.save(old, checkpoint)
+    before = _hashes(run_folder)
+    status, out, err = run(capsys, "--evaluate", checkpoint, "--output-dir", tmp_path / "old")
+    assert status == train_cars.EXIT_OK and out.split("%")[0] == evaluated.split("%")[0]
+    assert "evaluated as OffsetMixtureOfPrompts(share_looks=False), the learner it trained" in err
+    (line,) = _refused(capsys, "--config", run_folder / "config.yaml", "--resume",
+                       "train.epochs=2")
+    assert f"--resume {checkpoint}: expected a checkpoint of format 3, got format 2" in line
+    assert "start a new run" in line and _hashes(run_folder) == before
 
 
 def test_a_finished_run_is_not_resumed(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -117,9 +117,9 @@ def test_a_file_that_is_not_a_checkpoint_is_named_in_one_line(
 def test_a_checkpoint_of_another_format_or_pickled_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "old.pt"
     torch.save({"format": 1, "epoch": 3}, path)
-    with pytest.raises(UsageError, match="of format 2, got format 1"):
+    with pytest.raises(UsageError, match="of format 3, got format 1"):
         cars_files.read_checkpoint(path, "--evaluate")
-    torch.save({"format": 2, "code": Path("x")}, path)  # an object: refused, never unpickled
+    torch.save({"format": 3, "code": Path("x")}, path)  # an object: refused, never unpickled
     with pytest.raises(UsageError, match="torch cannot read"):
         cars_files.read_checkpoint(path, "--evaluate")
     with pytest.raises(UsageError, match="got a folder"):

@@ -26,8 +26,6 @@ from cars_fixtures import (
     write_original,
 )
 
-import promptmix
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread() -> Iterator[None]:
@@ -199,12 +197,36 @@ def test_demo_rows_follow_their_recipes() -> None:
     world = cars_demo.World(Path("/nonexistent/demo"), None, [])
     one, uncured, defaults = (world.rows[name].model for name in cars_demo.RECIPES)
     assert list(world.rows) == ["one prompt", "uncured", "defaults"]
+    assert {row.learner for row in (one, uncured, defaults)} == {"offset"}  # one learner
     assert (one.n_subprompts, one.mixture_loss_weight, one.entropy_loss_weight) == (1, 0.0, 0.0)
+    assert (one.label_noise, one.share_looks, one.subprompt_prior_weight) == (0.0, False, 0.0)
     assert (one.init, uncured.init, defaults.init) == ("text", "text", "kmeans")
     assert (uncured.em_tau_end, uncured.entropy_loss_weight) == (0.05, 0.0)
-    # defaults: nothing but the world's K and the documented start, everything else promptmix's
-    assert defaults.mixture_loss_weight is None and defaults.em_tau_end is None
-    assert defaults.sinkhorn_iterations is None and defaults.n_subprompts == 2
+    assert (uncured.share_looks, uncured.subprompt_prior_weight) == (False, 0.0)  # no prior
+    # defaults: nothing but the world's K and the one init call, everything else promptmix's
+    recipe = ("mixture_loss_weight", "em_tau_end", "sinkhorn_iterations", "label_noise",
+              "share_looks", "text_prior_weight", "subprompt_prior_weight", "prior_count")
+    assert all(defaults[key] is None for key in recipe) and defaults.n_subprompts == 2
+
+
+def test_one_prompt_row_trains_plain_cross_entropy_from_the_text() -> None:
+    """The demo's CoOp row: its prompt starts at the text feature, its prior is 0 and its loss
+    is the plain cross-entropy of the mixture's logits."""
+    from cars_fixtures import cars_clip
+
+    cfg = cars_demo.World(Path("/nonexistent/demo"), None, []).rows["one prompt"]
+    random_init = cars_config.load(None, ["model.clip_name=tiny-random", "model.pretrained=null"])
+    clip = cars_clip.load_clip(random_init.model, torch.device("cpu"))  # not the demo's weights
+    names = ["Acura TL Sedan 2012", "Volvo 240 Sedan 1993", "AM General Hummer SUV 2000"]
+    learner = train_cars.build_learner(cfg, clip, names)
+    assert torch.allclose(learner(), learner.text_features, atol=1e-6)
+    assert learner.prior_loss() == 0
+    loss_fn = train_cars.build_loss(cfg, clip, names, 1, 10, sync=False)
+    images, labels = torch.nn.functional.normalize(torch.randn(6, 32), dim=-1), torch.arange(6) % 3
+    out = loss_fn(images, learner(), labels, prior=learner.prior_loss(), logit_scale=20.0)
+    plain = torch.nn.functional.cross_entropy(loss_fn.logits(images, learner(), logit_scale=20.0),
+                                              labels)
+    torch.testing.assert_close(out["loss"], plain)
 
 
 @pytest.mark.parametrize(
@@ -214,6 +236,8 @@ def test_demo_rows_follow_their_recipes() -> None:
         ("data.root=/data/cars", "data.root"),
         ("model.init=text", "model.init"),
         ("model.mixture_loss_weight=3", "model.mixture_loss_weight"),
+        ("model.label_noise=0.2", "model.label_noise"),
+        ("model.learner=mixture", "model.learner"),
     ],
 )
 def test_demo_refuses_the_settings_it_would_ignore(
@@ -294,11 +318,3 @@ def test_gallery_rows_say_how_many_images_they_show(tmp_path: Path, data_root: P
     labels = [axis.get_ylabel() for axis in figure.axes if axis.get_ylabel()]
     assert labels == ["sub-prompt 0\n2 of 3 shown", "sub-prompt 1\n1 of 1 shown"]
     cars_plots.plt.close(figure)
-
-
-def test_one_prompt_is_cross_entropy_only() -> None:
-    """The demo's CoOp row: the loss reduces to the cross-entropy of the text-started prompt."""
-    loss = promptmix.MixtureOfPromptsLoss(mixture_weight=0.0, entropy_weight=0.0,
-                                          diversity_weight=0.0)
-    out = loss(torch.randn(4, 8), torch.randn(3, 1, 8), torch.tensor([0, 1, 2, 0]))
-    assert torch.equal(out["loss"], out["ce"])

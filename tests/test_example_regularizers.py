@@ -152,10 +152,12 @@ def test_tiny_run_with_every_regularizer(tmp_path: Path) -> None:
 
 
 def _builtin(record: dict) -> float:
-    """The loss's own terms in a step record, combined with promptmix's default weights."""
+    """The loss's own terms in a step record, combined with promptmix's default weights, plus
+    the learner's prior."""
     loss = promptmix.MixtureOfPromptsLoss()
     return (record["ce"] + loss.mixture_weight * record["mixture"]
-            + loss.diversity_weight * record["diversity"] - loss.entropy_weight * record["entropy"])
+            + loss.diversity_weight * record["diversity"] - loss.entropy_weight * record["entropy"]
+            + record["prior"])
 
 
 def _tiny_run(tmp_path: Path, *overrides: str, epochs: int = 2) -> Path:

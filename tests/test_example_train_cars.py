@@ -83,14 +83,16 @@ def test_unset_settings_train_with_promptmix_defaults(uninterrupted: Path) -> No
     saved = cars_files.read_checkpoint(uninterrupted / "checkpoints" / "last.pt", "test")
     model = saved["config"]["model"]
     assert model["mixture_loss_weight"] is None and model["em_tau_end"] is None  # left to promptmix
+    assert model["label_noise"] is None and model["share_looks"] is None
     defaults = promptmix.MixtureOfPromptsLoss()
     steps = step_records(uninterrupted)
     assert len(steps) == 4  # 16 images (4 shots x 4 classes), batch 8, 2 epochs
     for r in steps:  # the objective's documented combination of its parts, with its defaults
         expected = (r["ce"] + defaults.mixture_weight * r["mixture"]
                     + defaults.diversity_weight * r["diversity"]
-                    - defaults.entropy_weight * r["entropy"])
+                    - defaults.entropy_weight * r["entropy"] + r["prior"])
         assert math.isclose(r["loss"], expected, rel_tol=1e-5, abs_tol=1e-6)
+        assert r["prior"] > 0  # the learner's prior reached the loss
     schedule = promptmix.TemperatureSchedule(total_steps=4)
     taus = [r["tau"] for r in steps]
     assert taus[0] == schedule() and taus == sorted(taus, reverse=True) and taus[-1] > schedule.end
@@ -109,7 +111,11 @@ def test_run_reports_the_start_and_writes_everything(uninterrupted: Path) -> Non
     assert records[-1]["event"] == "final"
     saved = cars_files.read_checkpoint(uninterrupted / "checkpoints" / "last.pt", "test")
     assert (saved["epoch"], saved["step"]) == (2, 4)
-    assert list(saved["learner"]) == ["context"]  # the frozen CLIP is not in the checkpoint
+    # What OffsetMixtureOfPrompts learns (shared looks: promptmix's default) and the number of
+    # images that weighs its prior; not the frozen CLIP or the text features.
+    assert sorted(saved["learner"]) == ["class_offsets", "num_images", "offsets",
+                                        "shared_offsets"]
+    assert saved["learner"]["num_images"] == 16  # set by initialize_from_kmeans
     plots = sorted(path.name for path in (uninterrupted / "plots").glob("*.png"))
     assert plots == [
         "responsibilities.png",
@@ -166,7 +172,9 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
     assert step_records(resumed) == step_records(reference)  # every loss term, tau, lr: exactly
     final = cars_files.read_checkpoint(resumed / "checkpoints" / "last.pt", "test")
     expected = cars_files.read_checkpoint(reference / "checkpoints" / "last.pt", "test")
-    assert torch.equal(final["learner"]["context"], expected["learner"]["context"])
+    assert final["learner"].keys() == expected["learner"].keys()
+    assert all(torch.equal(value, expected["learner"][name])
+               for name, value in final["learner"].items())
     for name in ("objective", "optimizer"):
         assert str(final[name]) == str(expected[name])
 
@@ -196,7 +204,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     assert status == train_cars.EXIT_NONFINITE
     assert "train_cars.py: non-finite loss at epoch 2, step 3" in err
     saved = cars_files.read_checkpoint(tmp_path / "checkpoints" / "last.pt", "test")
-    assert saved["epoch"] == 1 and torch.isfinite(saved["learner"]["context"]).all()
+    assert saved["epoch"] == 1
+    assert all(torch.isfinite(value).all() for value in saved["learner"].values())
     records = cars_files.read_records(tmp_path / "metrics.jsonl")
     assert [r["event"] for r in records if r["event"] != "step"] == ["eval", "epoch", "nonfinite"]
     assert records[-1]["loss"] is None  # NaN written as JSON null
@@ -244,11 +253,37 @@ def test_augmented_views_are_reproducible(data_root: Path) -> None:
     assert torch.equal(encode(None), encode(None))
 
 
-def test_offset_learner_with_tensorboard(data_root: Path, config: Path, tmp_path: Path) -> None:
-    overrides = ["train.epochs=1", "model.learner=offset", "output.tensorboard=true"]
+def test_coop_learner_with_tensorboard(data_root: Path, config: Path, tmp_path: Path) -> None:
+    """MixtureOfPrompts has no prior: nothing is passed, and the logged prior is 0."""
+    overrides = ["train.epochs=1", "model.learner=mixture", "model.n_ctx=4",
+                 "output.tensorboard=true"]
     assert train_cars.main(_args_no_plots(data_root, config, tmp_path, *overrides)) == 0
     saved = cars_files.read_checkpoint(tmp_path / "checkpoints" / "last.pt", "test")
-    assert list(saved["learner"]) == ["offsets"]  # only what this learner trains
-    assert saved["learner"]["offsets"].abs().sum() > 0
+    assert list(saved["learner"]) == ["context"]  # only what this learner trains
+    assert saved["learner"]["context"].abs().sum() > 0
+    assert all(r["prior"] == 0 for r in step_records(tmp_path))
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+def test_the_recipe_is_built_with_the_library_defaults() -> None:
+    """Settings left null build the learner and the loss with promptmix's own defaults."""
+    cfg = cars_config.load(None, ["model.clip_name=tiny-random", "model.pretrained=null",
+                                  "model.n_subprompts=2"])
+    clip = cars_clip.load_clip(cfg.model, torch.device("cpu"))
+    names = ["Acura TL Sedan 2012", "Volvo 240 Sedan 1993"]
+    learner = train_cars.build_learner(cfg, clip, names)
+    reference = promptmix.OffsetMixtureOfPrompts(clip.model, clip.tokenizer, names, n_subprompts=2)
+    assert type(learner) is promptmix.OffsetMixtureOfPrompts
+    for name in ("share_looks", "text_prior_weight", "subprompt_prior_weight", "init_noise_std"):
+        assert getattr(learner, name) == getattr(reference, name), name
+    loss = train_cars.build_loss(cfg, clip, names, 2, 10, sync=False)
+    default = promptmix.MixtureOfPromptsLoss()
+    for name in ("mixture_weight", "entropy_weight", "diversity_weight", "label_noise",
+                 "aggregation"):
+        assert getattr(loss, name) == getattr(default, name), name
+    assert loss.assigner.mode == default.assigner.mode and loss.entropy.mode == default.entropy.mode
+    schedule = promptmix.TemperatureSchedule(total_steps=10)
+    assert loss.schedule is not None
+    assert (loss.schedule.start, loss.schedule.end, loss.schedule.kind) == (
+        schedule.start, schedule.end, schedule.kind)

@@ -1,10 +1,11 @@
 """What ``examples/train_cars.py`` leans on, one topic per module.
 
-``config`` (the settings and their checks), ``data`` (Stanford Cars layouts, few-shot sampling),
-``clip`` (open_clip models and image features), ``files`` (run folders, checkpoints, metrics,
-logs), ``distributed`` (``torchrun``), ``plots`` (pictures), ``demo`` (the synthetic world of
-``--demo``) and ``grid`` (the field's protocols as a grid of runs). The method itself, every call
-into promptmix, is in ``train_cars.py``.
+``config`` (the settings and their checks, the command line), ``data`` (Stanford Cars layouts,
+few-shot sampling), ``clip`` (open_clip models and image features), ``files`` (run folders,
+checkpoints, metrics, logs), ``schedule`` (the learning rate's), ``distributed`` (``torchrun``),
+``plots`` (pictures), ``demo`` (the synthetic world of ``--demo``) and ``grid`` (the field's
+protocols as a grid of runs). The method itself, every call into promptmix, is in
+``train_cars.py``.
 """
 
 

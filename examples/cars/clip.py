@@ -348,6 +348,14 @@ class Features:
     batches: TrainBatches
 
 
+def encode_test(encoder: ImageEncoder, test: list[Sample], cfg: DictConfig, runtime: Runtime,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images' features and labels alone (``--evaluate`` encodes no training image)."""
+    features = encoder.encode(test, runtime, batch_size=cfg.encode_batch_size,
+                              num_workers=cfg.num_workers)
+    return features, torch.tensor([sample.label for sample in test], device=encoder.device)
+
+
 def encode_images(
     encoder: ImageEncoder, train: list[Sample], test: list[Sample], cfg: DictConfig,
     runtime: Runtime,

@@ -22,6 +22,9 @@ import difflib
 import functools
 import logging
 import math
+import os
+import shutil
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -48,7 +51,7 @@ class ModelConfig:
     clip_name: str = "ViT-B-16"
     pretrained: str | None = "openai"
     tokenizer: str | None = None
-    learner: str = "mixture"
+    learner: str = "offset"
     init: str = "kmeans"
     n_subprompts: int | None = None
     n_ctx: int | None = None
@@ -56,6 +59,10 @@ class ModelConfig:
     class_specific: bool | None = None
     init_noise_std: float | None = None
     gradient_checkpointing: bool | None = None
+    share_looks: bool | None = None
+    text_prior_weight: float | None = None
+    subprompt_prior_weight: float | None = None
+    prior_count: float | None = None
     em_tau_start: float | None = None
     em_tau_end: float | None = None
     em_tau_schedule: str | None = None
@@ -66,6 +73,7 @@ class ModelConfig:
     mixture_loss_weight: float | None = None
     diversity_loss_weight: float | None = None
     entropy_loss_weight: float | None = None
+    label_noise: float | None = None
     hand_crafted_templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     anchor_loss_weight: float = 0.0
     anchor_distance: str | None = None
@@ -96,16 +104,16 @@ class DataConfig:
 class TrainConfig:
     shots: int | None = 16
     seed: int = 1
-    epochs: int = 50
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    lr: float = 0.002
+    epochs: int = 8
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 0.005
     momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
     warmup_start_lr: float = 1e-5
-    min_lr: float = 0.0
-    grad_clip_norm: float | None = 1.0
+    min_lr: float | None = None
+    grad_clip_norm: float | None = None
     precision: str = "auto"
     device: str = "auto"
     augment: bool = False
@@ -165,10 +173,11 @@ OLD_VALUES: dict[tuple[str, Any], Any] = {
 Check = tuple[str, Callable[[Any], bool], str]
 
 
-def _finite(low: float | None = None, *, above: bool = False, high: float | None = None) -> Any:
+def _finite(low: float | None = None, *, above: bool = False, high: float | None = None,
+            below: float | None = None) -> Any:
     def test(value: Any) -> bool:
         ok = math.isfinite(value) and (low is None or (value > low if above else value >= low))
-        return ok and (high is None or value <= high)
+        return ok and (high is None or value <= high) and (below is None or value < below)
 
     return test
 
@@ -184,6 +193,10 @@ CHECKS: list[Check] = [
     ("model.n_subprompts", _at_least(1), "an integer >= 1"),
     ("model.n_ctx", _at_least(1), "an integer >= 1"),
     ("model.init_noise_std", *_WEIGHT),
+    ("model.text_prior_weight", *_WEIGHT),
+    ("model.subprompt_prior_weight", *_WEIGHT),
+    ("model.prior_count", *_WEIGHT),
+    ("model.label_noise", _finite(0, below=1), "a number in [0, 1)"),
     ("model.em_tau_start", *_POSITIVE),
     ("model.em_tau_end", *_POSITIVE),
     ("model.sinkhorn_iterations", _at_least(1), "an integer >= 1"),
@@ -213,7 +226,7 @@ CHECKS: list[Check] = [
     ("train.weight_decay", *_WEIGHT),
     ("train.warmup_epochs", *_WEIGHT),
     ("train.warmup_start_lr", *_WEIGHT),
-    ("train.min_lr", *_WEIGHT),
+    ("train.min_lr", _finite(0), "a finite number >= 0, or null (no decay)"),
     ("train.grad_clip_norm", _finite(0, above=True), "a finite number > 0, or null (no clip)"),
     ("train.augment_views", _at_least(0), "an integer >= 0"),
     ("train.eval_every", _at_least(1), "an integer >= 1"),
@@ -408,7 +421,7 @@ def check(cfg: DictConfig) -> list[str]:
             "model.prograd: expected false unless model.zero_shot_loss_weight > 0 (ProGrad's "
             "reference gradient), got true"
         )
-    errors += _context_length(model)
+    errors += _context_length(model) + _learner_options(model)
     tau = (model.em_tau_start, model.em_tau_end)
     if None not in tau and tau[0] < tau[1]:
         logger.warning("model.em_tau_start (%s) is below model.em_tau_end (%s): the E-step "
@@ -419,6 +432,37 @@ def check(cfg: DictConfig) -> list[str]:
         logger.warning("model.zero_shot_reduction=mean is the batch mean since promptmix 1.0; "
                        "PromptSRC's division by batch x classes (the old 'mean') is "
                        "model.zero_shot_average_over_classes=true")
+    return errors
+
+
+#: Options only one learner takes: ``OffsetMixtureOfPrompts`` (offset), ``MixtureOfPrompts``.
+LEARNER_OPTIONS = {
+    "offset": ("share_looks", "text_prior_weight", "subprompt_prior_weight"),
+    "mixture": ("n_ctx", "class_specific", "gradient_checkpointing"),
+}
+LEARNERS = {"offset": "OffsetMixtureOfPrompts", "mixture": "MixtureOfPrompts"}
+
+
+def _learner_options(model: DictConfig) -> list[str]:
+    """Options the chosen learner or start would ignore: refused, not silently dropped."""
+    errors = [
+        f"model.{name}: expected null with model.learner={model.learner} (an option of "
+        f"{LEARNERS[owner]}: model.learner={owner}), got {model[name]}"
+        for owner, names in LEARNER_OPTIONS.items()
+        for name in names
+        if model.learner in LEARNERS and model.learner != owner and model[name] is not None
+    ]
+    if model.learner == "offset" and model.ctx_init == RANDOM_CONTEXT:
+        errors.append(f"model.ctx_init: expected words with model.learner=offset (a random "
+                      f"context is MixtureOfPrompts': model.learner=mixture), got {RANDOM_CONTEXT}")
+    shared_start = model.learner == "offset" and model.init == "kmeans" and model.share_looks in (
+        None, True)
+    if model.prior_count is not None and not shared_start:
+        errors.append(
+            "model.prior_count: expected null unless model.learner=offset, model.init=kmeans "
+            "and shared looks (the shrinkage of initialize_from_kmeans's shared-look start), "
+            f"got {model.prior_count}"
+        )
     return errors
 
 
@@ -487,6 +531,39 @@ def check_resumable(checkpoint: Mapping[str, Any], cfg: DictConfig, path: Path) 
             f"--resume {path}: expected an unfinished run, got all {cfg.train.epochs} epochs "
             f"done; evaluate it with --evaluate {path}"
         )
+
+
+def training_settings(args: argparse.Namespace) -> DictConfig:
+    """A training run's settings: ``--config`` (else ``default.yaml``), overrides and flags."""
+    cfg = load(args.config or SCRIPT.parent / "configs" / "default.yaml", args.overrides,
+               flags=args.flags)
+    if cfg.data.root is None:
+        raise UsageError("--data-root: expected the Stanford Cars folder, got none (or try --demo)")
+    return cfg
+
+
+def evaluation_settings(args: argparse.Namespace, checkpoint: Mapping[str, Any]) -> DictConfig:
+    """``--evaluate``'s settings: the checkpoint's (or ``--config``'s), with the overrides; the
+    model settings must be those it was trained with."""
+    cfg = load(args.config, args.overrides, flags=args.flags,
+               base=None if args.config else checkpoint["config"])
+    changed = differences(checkpoint["config"], cfg, only=("model.",))
+    if changed:
+        raise UsageError(f"--evaluate {args.evaluate}: expected the model settings it was "
+                         f"trained with, got other ones ({'; '.join(changed)})")
+    return cfg
+
+
+#: ``examples/train_cars.py``, the script these settings are for.
+SCRIPT = Path(__file__).resolve().parents[1] / "train_cars.py"
+
+
+def command(*arguments: object) -> str:
+    """The command that runs ``train_cars.py`` with ``arguments``: this Python, that file."""
+    python = "python" if shutil.which("python") == sys.executable else sys.executable
+    script = os.path.relpath(SCRIPT)
+    script = str(SCRIPT) if script.startswith("..") else script
+    return " ".join([python, script, *map(str, arguments)])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -325,15 +325,15 @@ class FewShot:
         return [str(sample.path.relative_to(self.root)) for sample in self.train]
 
 
-def load_few_shot(
-    root: str | Path, layout: str, split_file: str, *, shots: int | None, seed: int, which: str
-) -> FewShot:
-    """Stanford Cars, ``shots`` training images per class and the ``which`` half of the classes.
+def load_few_shot(data: Any, *, shots: int | None, seed: int) -> FewShot:
+    """Stanford Cars as the ``data`` settings say (``root``, ``layout``, ``split_file``), with
+    ``shots`` training images per class and the ``data.subsample_classes`` half of the classes.
 
     The shots are drawn over all classes before the base/new filter (CoCoOp's order), so a
     seed picks the same images in every setting.
     """
-    splits = load_stanford_cars(root, layout, split_file)
+    which = data.subsample_classes
+    splits = load_stanford_cars(data.root, data.layout, data.split_file)
     drawn = few_shot(splits.train, shots, seed)
     classnames, train = subsample_classes(splits.classnames, drawn, which)
     _, test = subsample_classes(splits.classnames, splits.test, which)

@@ -36,7 +36,7 @@ from PIL import Image
 
 from cars import Stopped, UsageError, files, plots
 from cars.clip import TINY_TOKENIZER, tiny_clip
-from cars.config import load, override_keys
+from cars.config import command, load, override_keys
 from cars.distributed import session
 
 logger = logging.getLogger(__name__)
@@ -295,29 +295,35 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 NUM_CLASSES = 8
 
 #: The rows of the demo, each a recipe as settings; what a recipe leaves out is promptmix's default.
+#: All three train OffsetMixtureOfPrompts with the same optimiser (demo.yaml); ``train_cars.py``
+#: passes the learner's ``prior_loss()`` to the loss, which these two recipes weigh 0.
 RECIPES: dict[str, dict[str, Any]] = {
-    # CoOp's reference: one prompt per class, cross-entropy only, from the class's text prompt.
+    # CoOp's reference: one prompt per class, plain cross-entropy, from the class's text prompt.
     "one prompt": {
         "model.n_subprompts": 1, "model.init": "text", "model.init_noise_std": 0.0,
+        "model.share_looks": False, "model.subprompt_prior_weight": 0.0,
         "model.mixture_loss_weight": 0.0, "model.entropy_loss_weight": 0.0,
-        "model.diversity_loss_weight": 0.0,
+        "model.diversity_loss_weight": 0.0, "model.label_noise": 0.0,
     },
-    # The mixture as it was before promptmix: tau annealed 1 -> 0.05, EM pull 1, nothing against
-    # collapse, every sub-prompt from the class's text prompt plus noise.
+    # The mixture as it was before promptmix: each class's looks its own, tau annealed
+    # 1 -> 0.05, EM pull 1, nothing against collapse, every sub-prompt from the class's text
+    # prompt plus noise, no prior, every label trusted.
     "uncured": {
-        "model.init": "text", "model.mixture_loss_weight": 1.0, "model.entropy_loss_weight": 0.0,
-        "model.diversity_loss_weight": 0.0, "model.assignment": "soft", "model.em_tau_start": 1.0,
-        "model.em_tau_end": 0.05, "model.em_tau_schedule": "linear",
+        "model.init": "text", "model.share_looks": False, "model.subprompt_prior_weight": 0.0,
+        "model.mixture_loss_weight": 1.0, "model.entropy_loss_weight": 0.0,
+        "model.diversity_loss_weight": 0.0, "model.label_noise": 0.0, "model.assignment": "soft",
+        "model.em_tau_start": 1.0, "model.em_tau_end": 0.05, "model.em_tau_schedule": "linear",
     },
-    # promptmix's defaults and its documented initialisation call, initialize_from_kmeans.
+    # The recipe: promptmix's defaults (looks shared by all classes, the learner's prior, label
+    # noise 0.1) and its one initialisation call, initialize_from_kmeans.
     "defaults": {"model.init": "kmeans"},
 }
 #: Settings the demo decides itself: its data, its CLIP and its folders.
-OWN = ("data.", "model.clip_name", "model.pretrained", "model.tokenizer", "output.output_dir")
+OWN = ("data.", "model.clip_name", "model.pretrained", "model.tokenizer", "model.learner",
+       "output.output_dir")
 
 
-def run(args: Any, run_log: files.RunLog, *, train: Callable[..., dict[str, Any]],
-        command: Callable[..., str]) -> None:
+def run(args: Any, run_log: files.RunLog, *, train: Callable[..., dict[str, Any]]) -> None:
     """``train_cars.py --demo``: the world, then each row trained by ``train`` (the script's);
     the table and the command that evaluates a row's checkpoint go to stdout."""
     world = World(args.output_dir, args.config, args.overrides)  # checked, nothing written yet

@@ -27,14 +27,21 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
-from cars import UsageError
+from cars import Stopped, UsageError
+from cars.config import check_resumable, command
 from cars.distributed import Runtime, all_gather_objects
 
-#: Version of the checkpoint layout; 2: settings with ``null`` library defaults, safe loading.
-CHECKPOINT_FORMAT = 2
+logger = logging.getLogger(__name__)
+
+#: Version of the checkpoint layout; 2: settings with ``null`` library defaults, safe loading;
+#: 3: promptmix's recipe (OffsetMixtureOfPrompts with shared looks, the loss's new defaults).
+CHECKPOINT_FORMAT = 3
+#: Format 2, written before the recipe: ``--evaluate`` reads it, ``--resume`` refuses it.
+OLD_FORMAT = 2
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
@@ -115,6 +122,25 @@ class RunFolder:
             )
 
 
+def open_run(folder: RunFolder, cfg: DictConfig, resume: Path | None) -> dict[str, Any] | None:
+    """The checkpoint ``--resume`` continues (``None``: a new run), once the folder may be
+    written and, when resuming, the settings are those it was trained with."""
+    if resume is None:
+        folder.check_new("--output-dir")
+        return None
+    checkpoint = read_checkpoint(resume, "--resume")
+    check_resumable(checkpoint, cfg, resume)
+    check_writable(folder.root, "--output-dir")
+    return checkpoint
+
+
+def interrupted(epoch: int, step: int, saved: tuple[int, int], folder: RunFolder) -> Stopped:
+    """Ctrl-C during training: one line with the step reached and the command that resumes."""
+    return Stopped(f"interrupted at epoch {epoch}, step {step} (the checkpoint holds epoch "
+                   f"{saved[0]}, step {saved[1]}); resume with: "
+                   f"{command('--config', folder.config, '--resume')}", 130)
+
+
 def fresh_folder(path: Path) -> Path:
     """``path``, or ``path-2``, ``path-3``, ... : the first that does not exist."""
     candidate, number = path, 1
@@ -166,6 +192,8 @@ def read_checkpoint(path: Path, flag: str) -> dict[str, Any]:
         raise UsageError(
             f"{flag} {path}: expected a train_cars.py checkpoint, got {describe(path, error)}"
         ) from None
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == OLD_FORMAT:
+        return _before_the_recipe(checkpoint, path, flag)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         got = (
             f"format {checkpoint.get('format')}"
@@ -177,6 +205,64 @@ def read_checkpoint(path: Path, flag: str) -> dict[str, Any]:
             f"got {got}"
         )
     return checkpoint
+
+
+def _before_the_recipe(checkpoint: dict[str, Any], path: Path, flag: str) -> dict[str, Any]:
+    """A format-2 checkpoint, for ``--evaluate``: its offset learner is the one without shared
+    looks (``share_looks=False``: exactly the prompts it trained). ``--resume`` is refused: the
+    settings it left ``null`` meant the loss's old defaults (EM pull 10, entropy 1)."""
+    if flag != "--evaluate":
+        raise UsageError(
+            f"{flag} {path}: expected a checkpoint of format {CHECKPOINT_FORMAT}, got format "
+            f"{OLD_FORMAT}, written before promptmix's recipe changed (shared looks, new loss "
+            "defaults), so its null settings no longer mean what it trained with; start a new "
+            f"run (--evaluate {path} still reads it)"
+        )
+    model = checkpoint["config"]["model"]
+    if model.get("learner") == "offset":
+        model["share_looks"] = False
+        # A buffer of the new learner that only weighs its prior: not used by an evaluation.
+        checkpoint["learner"]["num_images"] = torch.tensor(float(len(checkpoint["classnames"])))
+        logger.warning("%s: written before promptmix's shared looks (checkpoint format %d): "
+                       "evaluated as OffsetMixtureOfPrompts(share_looks=False), the learner it "
+                       "trained", path, OLD_FORMAT)
+    return checkpoint
+
+
+def check_same_images(checkpoint: dict[str, Any] | None, train_files: list[str],
+                      path: Path | None) -> None:
+    """Refuse to resume on other few-shot images than the checkpoint was trained on."""
+    if checkpoint is not None and checkpoint["train_files"] != train_files:
+        raise UsageError(f"--resume {path}: expected the few-shot images it was trained on, "
+                         "got others (another dataset folder or layout)")
+
+
+def check_classes(checkpoint: dict[str, Any], classnames: list[str], learner: nn.Module,
+                  path: Path) -> None:
+    """Refuse to evaluate per-class prompts on classes other than those they were trained on."""
+    if checkpoint["classnames"] != classnames and getattr(learner, "class_specific", True):
+        raise UsageError(
+            f"--evaluate {path}: expected prompts that carry over to other classes, got one set "
+            f"per class ({len(checkpoint['classnames'])} classes); train with "
+            "model.learner=mixture model.class_specific=false for base-to-new")
+
+
+def evaluation_record(path: Path, checkpoint: dict[str, Any], which: str, num_classes: int,
+                      folder: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """What ``--evaluate`` found, for ``eval.json`` (and in one line of the log)."""
+    logger.info("prompts of %s on the %s classes (%d): %s", path, which, num_classes,
+                result["report"].message)
+    return {"checkpoint": str(path), "epoch": checkpoint["epoch"], "classes": which,
+            "num_classes": num_classes, "folder": str(folder), "test_accuracy": result["accuracy"],
+            "diagnostics": "on the test images"} | result["summary"]
+
+
+def write_evaluation(folder: Path, settings: str, numbers: dict[str, Any],
+                     run_log: RunLog) -> None:
+    """An evaluation's files: ``config.yaml``, ``eval.json`` and ``eval.log``."""
+    write_text(folder / "config.yaml", settings)
+    write_text(folder / "eval.json", json.dumps(numbers, indent=2) + "\n")
+    run_log.write_to(folder / "eval.log")
 
 
 class Checkpoints:
@@ -335,6 +421,15 @@ class MetricsLog:
             purge = None if resume_step is None else resume_step + 1
             self.writer = SummaryWriter(str(tensorboard), purge_step=purge)
 
+    @classmethod
+    def of_run(cls, folder: RunFolder, tensorboard: bool, runtime: Runtime,
+               resumed_at: tuple[int, int] | None) -> MetricsLog:
+        """The log of a run in ``folder``; ``resumed_at``: the ``(epoch, step)`` it continues
+        from, whose later records are dropped (the resumed run writes them again, identically)."""
+        kept = None if resumed_at is None else (resumed_at[1] if resumed_at[0] else -1)
+        return cls(folder.metrics, resume_step=kept, enabled=runtime.is_main,
+                   tensorboard=folder.tensorboard if tensorboard else None)
+
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record``, flushed at once."""
         if not self.enabled:
@@ -374,6 +469,63 @@ def collapse_line(report: Any, share: torch.Tensor, cosine: torch.Tensor) -> str
     named = ", ".join(f"{c} (share {share[c]:.2f}, |cos| {cosine[c]:.2f})" for c in worst)
     return (f"collapse in {len(report.collapsed_classes)}/{len(share)} classes, worst {named}; "
             "each class in train.log")
+
+
+def progress(batches: Any, epoch: int, *, show: bool) -> Iterator[Any]:
+    """The batches of ``epoch`` under a progress bar (on stderr; ``show``: on a terminal)."""
+    return tqdm(batches.epoch(epoch), total=len(batches), desc=f"epoch {epoch}", leave=False,
+                disable=None if show else True)
+
+
+def log_start(metrics: MetricsLog, on_test: dict[str, Any], on_train: dict[str, Any]) -> None:
+    """The start's record (step 0): its test accuracy and diagnostics, to see what training adds."""
+    logger.info("step 0, the start: test top-1 %.2f%%", on_test["accuracy"])
+    metrics.write({"event": "eval", "epoch": 0, "step": 0, "test_accuracy": on_test["accuracy"]}
+                  | on_train["summary"])
+
+
+def log_final(metrics: MetricsLog, epoch: int, step: int, on_test: dict[str, Any],
+              on_train: dict[str, Any], averaged: bool) -> None:
+    """The final prompts' record (``averaged``: PromptSRC's average of them)."""
+    metrics.write({"event": "final", "epoch": epoch, "step": step, "test_accuracy":
+                   on_test["accuracy"], "prompt_average": averaged} | on_train["summary"])
+
+
+def log_epoch(metrics: MetricsLog, epoch: int, epochs: int, step: int, tau: float,
+              means: dict[str, float], on_train: dict[str, Any], test_accuracy: float | None,
+              *, seconds: float) -> None:
+    """An epoch's record (mean loss terms, training accuracy and diagnostics, test accuracy),
+    its line on the terminal and, when classes collapse, one short warning (details: DEBUG)."""
+    done = {"event": "epoch", "epoch": epoch, "step": step, "tau": tau}
+    done |= {f"train_{term}": mean for term, mean in means.items()}
+    done |= on_train["summary"] | {"train_accuracy": on_train["accuracy"]}
+    line = (f"epoch {epoch}/{epochs}: loss {means['loss']:.4f} (ce {means['ce']:.4f}, prior "
+            f"{means['prior']:.4f})")
+    if test_accuracy is not None:
+        done["test_accuracy"] = test_accuracy
+        line += f", test top-1 {test_accuracy:.2f}%"
+    logger.info("%s, tau %.3f [%.1fs]", line, tau, seconds)
+    if on_train["responsibilities"].shape[1] > 1:  # one prompt per class cannot collapse
+        logger.debug("epoch %d: %s", epoch, on_train["report"].message)
+        if on_train["collapse"]:
+            logger.warning("epoch %d: %s", epoch, on_train["collapse"])
+    metrics.write(done)
+
+
+def evaluation_line(numbers: dict[str, Any]) -> str:
+    """An evaluation in one line for stdout."""
+    return (f"{numbers['test_accuracy']:.2f}% test top-1 on the {numbers['classes']} classes "
+            f"({numbers['num_classes']}); written to {numbers['folder']}")
+
+
+def result_line(result: dict[str, Any]) -> str:
+    """A finished run in one line for stdout: the test accuracy, at step 0 too, and collapse."""
+    final, start, report = result["final"], result["start"], result["train"]["report"]
+    return (f"{final['accuracy']:.2f}% test top-1"
+            + (f" ({start['accuracy']:.2f}% at step 0)" if start else "")
+            + f"; dominant share {report.dominant_share:.2f}, effective K "
+            f"{report.effective_subprompts:.2f}, {len(report.collapsed_classes)} collapsed "
+            f"classes; run in {result['folder']}")
 
 
 FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")

@@ -21,7 +21,9 @@ in the output folder) gives mean ± standard deviation over the seeds, beside th
 figures of other methods (``published_stanford_cars.json``), each labelled with its source.
 
 Base-to-new needs prompts that carry over to classes they were not trained on, so its runs use
-one context shared by all classes (``model.class_specific=false``), as CoCoOp's CoOp baseline does.
+``MixtureOfPrompts`` with one context shared by all classes (``model.learner=mixture
+model.class_specific=false``), as CoCoOp's CoOp baseline does: the offset learner's parts belong
+to their classes.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def run_grid(args: argparse.Namespace) -> None:
                 _train_cars(args, run_folder(args, shots, seed), *grid)
                 continue
             folder = run_folder(args, shots, seed)
-            shared = ["model.class_specific=false", *grid]
+            shared = ["model.learner=mixture", "model.class_specific=false", *grid]
             _train_cars(args, folder / "base", *shared, "data.subsample_classes=base")
             checkpoint = folder / "base" / "checkpoints" / "last.pt"
             _train_cars(

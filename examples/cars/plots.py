@@ -236,8 +236,9 @@ def training_curves(
     epochs = [r for r in records if r["event"] in ("eval", "epoch") and "mean_cosine" in r]
     figure, axes = plt.subplots(2, 2, figsize=(11, 7))
     x = [r["step"] for r in steps]
-    for term in ("loss", "ce", "mixture", "diversity", "entropy"):
-        axes[0, 0].plot(x, [r[term] for r in steps], label=term)
+    terms = [key for key in steps[0] if key not in ("event", "epoch", "step", "lr", "tau")]
+    for term in terms:  # the loss's scalars as the run logged them (the prior, regularizers)
+        axes[0, 0].plot(x, [r.get(term) for r in steps], label=term)
     axes[0, 0].set(title="loss terms", xlabel="step")
     axes[0, 0].legend(fontsize=8)
     axes[0, 1].plot(x, [r["tau"] for r in steps], color="tab:purple", label="tau")
