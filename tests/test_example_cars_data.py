@@ -116,7 +116,9 @@ def test_few_shot_is_reproducible_and_balanced(original: Path) -> None:
 
 
 def test_module_examples_run() -> None:
-    for module in (cars_files, cars_config, cars_data):
+    from cars import schedule
+
+    for module in (cars_files, cars_config, cars_data, schedule):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 
