@@ -336,6 +336,7 @@ def evaluate_checkpoint(args: Any, run_log: files.RunLog) -> dict[str, Any]:
     checkpoint = files.read_checkpoint(path, "--evaluate")
     cfg = evaluation_settings(args, checkpoint)  # the model settings it was trained with
     folder = files.evaluation_folder(path, cfg.data.subsample_classes, args.output_dir)
+    files.seed_everything(cfg.train.seed)  # a random-init CLIP (pretrained: null) as trained
     with distributed.session(cfg.train.device) as runtime:
         device, amp = runtime.device, autocast_dtype(cfg.train.precision, runtime.device)
         data = load_few_shot(cfg.data, shots=cfg.train.shots, seed=cfg.train.seed)
