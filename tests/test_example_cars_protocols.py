@@ -250,6 +250,21 @@ def test_demo_refuses_the_settings_it_would_ignore(
     assert not (tmp_path / "demo").exists()
 
 
+def test_a_demo_setting_some_rows_refuse_is_one_line_naming_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run(capsys, "--demo", "--output-dir", tmp_path / "demo",
+                           "model.prior_count=2", "train.seed=-1")
+    assert status == train_cars.EXIT_USAGE and out == ""
+    assert err.splitlines() == [
+        "train_cars.py: error: train.seed: expected an integer >= 0, got -1",
+        "train_cars.py: error: model.prior_count: expected null unless model.learner=offset, "
+        "model.init=kmeans and shared looks (the shrinkage of initialize_from_kmeans's "
+        "shared-look start), got 2.0 (in the demo's 'one prompt' and 'uncured' rows)",
+    ]
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_compares_three_rows_and_its_checkpoint_can_be_evaluated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

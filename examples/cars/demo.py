@@ -393,18 +393,28 @@ class World:
             for name, recipe in RECIPES.items()
         }
         absolute = self.folder.resolve()
-        self.rows: dict[str, DictConfig] = {
-            name: load(
-                config or DEMO_CONFIG,
-                [*(f"{key}={value}" for key, value in recipe.items()), *overrides],
-                flags={
-                    "data.root": str(absolute / "data"),
-                    "model.pretrained": str(absolute / "tiny_clip.pt"),
-                    "output.output_dir": str(self.folder / name.replace(" ", "_")),
-                },
-            )
-            for name, recipe in RECIPES.items()
-        }
+        self.rows: dict[str, DictConfig] = {}
+        refused: dict[str, list[str]] = {}  # message: the rows that refuse the settings
+        for name, recipe in RECIPES.items():
+            try:
+                self.rows[name] = load(
+                    config or DEMO_CONFIG,
+                    [*(f"{key}={value}" for key, value in recipe.items()), *overrides],
+                    flags={
+                        "data.root": str(absolute / "data"),
+                        "model.pretrained": str(absolute / "tiny_clip.pt"),
+                        "output.output_dir": str(self.folder / name.replace(" ", "_")),
+                    },
+                )
+            except UsageError as error:
+                for message in error.messages:
+                    refused.setdefault(message, []).append(name)
+        if refused:  # each message once, naming the rows it concerns unless it is all of them
+            raise UsageError(*(
+                message if len(rows) == len(RECIPES) else
+                f"{message} (in the demo's {' and '.join(map(repr, rows))} "
+                f"row{'s' * (len(rows) > 1)})"
+                for message, rows in refused.items()))
         first = next(iter(self.rows.values()))
         plots.check_classes(first.output.plot_classes, NUM_CLASSES)
         self.device = first.train.device
