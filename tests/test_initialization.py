@@ -190,3 +190,17 @@ def test_a_shrunk_start_stays_nearer_the_text_with_fewer_images(model, tokenizer
         class_part = torch.nn.functional.cosine_similarity(text + prompts.class_offsets, text)
         cosines.append(class_part.mean().item())
     assert cosines[0] > cosines[1] > cosines[2]
+
+
+@pytest.mark.parametrize("share_looks", [True, False])
+def test_no_images_is_an_error_not_a_start(model, tokenizer, share_looks) -> None:
+    # Without the check the per-class learner kept its offsets and set num_images to 0, so
+    # prior_loss() became NaN at the first step.
+    prompts = OffsetMixtureOfPrompts(
+        model, tokenizer, NAMES, n_subprompts=2, share_looks=share_looks
+    )
+    before = {name: value.clone() for name, value in prompts.state_dict().items()}
+    with pytest.raises(ValueError, match="at least one training image"):
+        initialize_from_kmeans(prompts, torch.empty(0, 16), torch.empty(0, dtype=torch.long))
+    for name, value in prompts.state_dict().items():
+        assert torch.equal(value, before[name]), name

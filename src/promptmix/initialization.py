@@ -113,8 +113,8 @@ def initialize_from_kmeans(
 
     Raises:
         TypeError: If `labels` is not an integer tensor.
-        ValueError: On image features of another dimension than the prompts', with NaN, inf or
-            zero rows, or labels outside `[0, num_classes)`.
+        ValueError: On no image features, image features of another dimension than the
+            prompts', with NaN, inf or zero rows, or labels outside `[0, num_classes)`.
 
     Examples:
         >>> import open_clip, torch
@@ -133,6 +133,11 @@ def initialize_from_kmeans(
         True
     """
     check_rank("image_features", image_features, (2,), "(n, dim)")
+    if image_features.shape[0] == 0:
+        raise ValueError(
+            "image_features must hold at least one training image (n >= 1) to start from but "
+            f"has shape {tuple(image_features.shape)}."
+        )
     labels = check_labels("labels", labels, image_features.shape[0], None)
     check_int("fit_steps", fit_steps, minimum=0)
     check_positive("fit_lr", fit_lr)

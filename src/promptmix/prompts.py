@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -639,6 +639,34 @@ class OffsetMixtureOfPrompts(nn.Module):
         if ids is not None:
             ids = ids.to(self.offsets.device)
         return F.normalize(self._moved(ids, corrections=True), dim=-1)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # `num_images` divides the prior: checked before anything is loaded, so a rejected
+        # state leaves the learner as it was (PyTorch raises the collected messages).
+        saved = state_dict.get(prefix + "num_images")
+        if isinstance(saved, Tensor) and not (
+            saved.is_floating_point()
+            and saved.numel() == 1
+            and bool(torch.isfinite(saved).all())
+            and float(saved) > 0
+        ):
+            error_msgs.append(
+                f"{prefix}num_images must be a floating-point tensor of one finite value > 0 "
+                f"(the number of training images, which divides prior_loss()) but is {saved!r}."
+            )
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def prior_loss(self) -> Tensor:
         r"""The prior that keeps the mixture near its text: a scalar to add to the loss.
