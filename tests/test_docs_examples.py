@@ -155,7 +155,16 @@ def test_readme_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(blocks) == 1, "README should show exactly one Python example"
     namespace: dict[str, Any] = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
-    assert namespace["subprompts"].grad.abs().sum() > 0
-    assert namespace["loss_fn"].schedule.step_count.item() == 1
-    assert namespace["loss_fn"].usage_estimate.usage.sum().item() == pytest.approx(10.0)
+    prompts, steps = namespace["prompts"], namespace["steps"]
+    assert steps == 200  # the recipe's length
+    # The recipe's pieces: shared looks, the init call (it sets the prior's image count), the
+    # prior in the loss, and the loss's defaults with the schedule run to its end.
+    assert prompts.share_looks and prompts.num_images.item() == 160
+    for parameter in (prompts.class_offsets, prompts.shared_offsets, prompts.offsets):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+    out, loss_fn = namespace["out"], namespace["loss_fn"]
+    assert out["prior"].item() > 0
+    assert loss_fn.mixture_weight == 1.0 and loss_fn.label_noise == 0.1
+    assert loss_fn.schedule.step_count.item() == steps and loss_fn.current_tau() == 0.3
+    assert namespace["predictions"].shape == (160,)
     assert capsys.readouterr().out.startswith("mean sub-prompt cosine")
