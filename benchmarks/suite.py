@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from fine_worlds import FineSpec, FineWorld, classnames, pretrained_clip
 from sklearn.metrics import normalized_mutual_info_score
 from suite_worlds import WORLDS as CLASS_WORLDS
-from suite_worlds import World, WorldSpec, split_counts
+from suite_worlds import World, WorldSpec
 from torch import Tensor, nn
 
 import promptmix
@@ -153,7 +153,9 @@ class Setup:
 def class_world_names(num_classes: int) -> list[str]:
     makes = ("Aurora", "Bexley", "Corvan", "Dunmore", "Elstar", "Fenwick", "Galt", "Harlow")
     bodies = ("Sedan", "Coupe", "SUV", "Convertible", "Hatchback", "Wagon", "Minivan", "Cab")
-    return [f"{makes[i % 8]} M{i} {bodies[(i // 2) % 8]} {2000 + i % 13}" for i in range(num_classes)]
+    return [
+        f"{makes[i % 8]} M{i} {bodies[(i // 2) % 8]} {2000 + i % 13}" for i in range(num_classes)
+    ]
 
 
 def make_setup(name: str, learner: str, seed: int) -> Setup:
@@ -229,7 +231,9 @@ ONE_PROMPT = Contender(
     loss_options=CE_ONLY,
     select_lr=True,
 )
-KGCOOP = replace(ONE_PROMPT, name="one prompt + anchor (KgCoOp)", anchor_weight=8.0, select_lr=False)
+KGCOOP = replace(
+    ONE_PROMPT, name="one prompt + anchor (KgCoOp)", anchor_weight=8.0, select_lr=False
+)
 UNCURED = Contender(
     "uncured mixture",
     learner_options=dict(share_looks=False),
@@ -442,7 +446,9 @@ def run_job(job: tuple[str, str, int, bool, Training]) -> list[tuple[str, str, s
         contenders.remove(UNCURED)
         contenders.remove(PREVIOUS)
     for contender in contenders:
-        features, loss_fn = fit(contender, setup, setup.train, training, chosen_lr(contender, setup, training))
+        features, loss_fn = fit(
+            contender, setup, setup.train, training, chosen_lr(contender, setup, training)
+        )
         rows.append((name, learner, contender.name, seed, evaluate(features, setup.test, loss_fn)))
     if levers:
         for contender in lever_contenders():
@@ -475,7 +481,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     learners = args.learners or (["offset"] if args.quick else list(LEARNERS))
     levers = not args.no_levers and not args.quick
     full = not args.quick and args.worlds is None and args.learners is None and seeds == [0, 1, 2]
-    out = args.out or (DOCS_OUT if full and levers else Path(tempfile.gettempdir()) / "promptmix-suite")
+    out = args.out or (
+        DOCS_OUT if full and levers else Path(tempfile.gettempdir()) / "promptmix-suite"
+    )
     out.mkdir(parents=True, exist_ok=True)
     jobs = [
         (world, learner, seed, levers and learner == "offset" and world in LEVER_WORLDS, training)
@@ -493,7 +501,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         with context.Pool(args.workers) as pool:
             for done in pool.imap_unordered(run_job, jobs):
                 rows += done
-                print(f"  {done[0][0]} / {done[0][1]} / seed {done[0][3]} ({time.perf_counter() - start:.0f} s)", flush=True)
+                print(
+                    f"  {done[0][0]} / {done[0][1]} / seed {done[0][3]} "
+                    f"({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
     else:
         for job in jobs:
             rows += run_job(job)

@@ -1,4 +1,4 @@
-"""Shared looks, the shrunk start and label confidence: `promptmix.functional.looks`, `label_noise`."""
+"""Shared looks, the shrunk start and label confidence (`functional.looks`, `label_noise`)."""
 
 from __future__ import annotations
 
@@ -143,8 +143,13 @@ class TestLabelConfidence:
 
     def test_no_noise_one_class_and_no_gradient(self) -> None:
         logits = torch.randn(4, 3, requires_grad=True)
-        assert torch.equal(PF.label_confidence(logits, torch.zeros(4, dtype=torch.long), label_noise=0.0), torch.ones(4))
-        assert torch.equal(PF.label_confidence(torch.randn(4, 1), torch.zeros(4, dtype=torch.long)), torch.ones(4))
+        assert torch.equal(
+            PF.label_confidence(logits, torch.zeros(4, dtype=torch.long), label_noise=0.0),
+            torch.ones(4),
+        )
+        assert torch.equal(
+            PF.label_confidence(torch.randn(4, 1), torch.zeros(4, dtype=torch.long)), torch.ones(4)
+        )
         assert not PF.label_confidence(logits, torch.zeros(4, dtype=torch.long)).requires_grad
 
     def test_nan_rows_give_nan_and_extremes_stay_finite(self) -> None:

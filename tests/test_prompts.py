@@ -284,7 +284,9 @@ def test_offset_prompts_start_at_the_frozen_text_features(model, tokenizer):
 
 @pytest.mark.parametrize("share_looks", [True, False])
 def test_offset_prompts_never_run_the_text_tower_and_break_symmetry(model, tokenizer, share_looks):
-    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=4, share_looks=share_looks)
+    prompts = OffsetMixtureOfPrompts(
+        model, tokenizer, NAMES, n_subprompts=4, share_looks=share_looks
+    )
     model.transformer.forward = None  # any call to the tower now fails
     features = prompts()
     torch.testing.assert_close(prompts([3, 1]), features[[3, 1]], atol=0, rtol=0)

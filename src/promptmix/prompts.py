@@ -595,18 +595,17 @@ class OffsetMixtureOfPrompts(nn.Module):
         self.register_buffer("text_features", features, persistent=False)
 
         num_classes, k, dim = features.shape
-        like = dict(device=features.device, dtype=features.dtype)
+        device, dtype = features.device, features.dtype
         noise_shape = (k, dim) if share_looks else (num_classes, k, dim)
         noise = torch.randn(noise_shape, generator=generator, dtype=torch.float32)
-        noise = (noise * (self.init_noise_std / math.sqrt(dim))).to(**like)
-        self.offsets = nn.Parameter(
-            torch.zeros(num_classes, k, dim, **like) if share_looks else noise
-        )
-        self.class_offsets = nn.Parameter(torch.zeros(num_classes, dim, **like)) if share_looks else None
+        noise = (noise * (self.init_noise_std / math.sqrt(dim))).to(device=device, dtype=dtype)
+        zeros = features.new_zeros(num_classes, k, dim)
+        self.offsets = nn.Parameter(zeros if share_looks else noise)
+        self.class_offsets = nn.Parameter(zeros[:, 0].clone()) if share_looks else None
         self.shared_offsets = nn.Parameter(noise) if share_looks else None
         # The number of training images the priors are weighed against; set by
         # `initialize_from_kmeans`, and one image per class until then.
-        self.register_buffer("num_images", torch.tensor(float(num_classes), **like))
+        self.register_buffer("num_images", features.new_tensor(float(num_classes)))
 
     @property
     def num_classes(self) -> int:

@@ -136,7 +136,8 @@ def shared_look_start(
         >>> start = shared_look_start(images, labels, text, n_subprompts=2)
         >>> start.shared_offsets.shape, start.subprompt_offsets.shape
         (torch.Size([2, 8]), torch.Size([3, 2, 8]))
-        >>> bool((start.looks == torch.arange(12) % 2).all() or (start.looks == 1 - torch.arange(12) % 2).all())
+        >>> truth = torch.arange(12) % 2
+        >>> bool((start.looks == truth).all() or (start.looks == 1 - truth).all())
         True
     """
     check_rank("image_features", image_features, (2,), "(n, dim)")
