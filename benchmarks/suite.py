@@ -29,13 +29,14 @@ Only full runs write into docs/suite; others write to `--out` or a temporary fol
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -461,6 +462,21 @@ def run_job(job: tuple[str, str, int, bool, Training]) -> list[tuple[str, str, s
 # --------------------------------------------------------------------------- main
 
 
+def replot(out: Path) -> None:
+    """Rewrite results.md and the plots from a finished run's rows.json, without training."""
+    import suite_report
+
+    saved = json.loads((out / "rows.json").read_text())
+    rows = [tuple(row) for row in saved["rows"]]
+    training = Training(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in saved["training"].items()}
+    )
+    paths = suite_report.write(
+        out, rows, saved["worlds"], saved["seeds"], training, saved["command"], WORLDS
+    )
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one world, one seed, short runs")
@@ -470,7 +486,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-levers", action="store_true", help="skip the one-knob table")
     parser.add_argument("--workers", type=int, default=2, help="processes (one thread each)")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.md and plots")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="rewrite results.md and the plots from the rows.json of --out (default docs/suite)",
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        replot(args.out or DOCS_OUT)
+        return
     training = (
         Training(steps=40, mixture_steps=5, lr_choices=(5e-3,), mixture_lr_choices=(1e-3,))
         if args.quick
@@ -512,6 +536,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     import suite_report  # matplotlib only when running
 
     command = "python benchmarks/suite.py" + ("" if levers else " --no-levers")
+    rows.sort(key=lambda row: row[:4])
+    (out / "rows.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "worlds": worlds,
+                "seeds": seeds,
+                "training": asdict(training),
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     paths = suite_report.write(out, rows, worlds, seeds, training, command, WORLDS)
     print(f"wrote {', '.join(str(p) for p in paths)}")
     print(f"wall time {time.perf_counter() - start:.1f} s ({args.workers} processes)")

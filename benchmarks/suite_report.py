@@ -210,8 +210,10 @@ def plot_levers(
     axis.axvline(0, color="black", linewidth=1)
     axis.set_yticks(np.arange(len(names)), names)
     axis.invert_yaxis()
-    axis.set_xlabel("accuracy change against the recommended recipe (points)")
+    axis.set_xlabel("accuracy change against the recommended recipe (points, symmetric log scale)")
     axis.set_xscale("symlog", linthresh=2)
+    ticks = [-40, -20, -10, -5, -2, -1, 0, 1, 2]
+    axis.set_xticks(ticks, [f"{t:+d}" if t else "0" for t in ticks])
     axis.grid(axis="x", alpha=0.3)
     axis.legend(fontsize=8, loc="lower left")
     figure.tight_layout()
