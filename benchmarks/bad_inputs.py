@@ -277,6 +277,101 @@ def anti_parallel():
     return f"collapsed={report.collapsed}: {report.reasons}"
 
 
+# --- the recommended recipe (issue 15): shared looks, their start, label noise, the prior
+
+LOGITS = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+LABELS3 = torch.tensor([0, 1, 2, 0])
+VALUES = torch.randn(5, 2, generator=torch.Generator().manual_seed(2))
+GROUPS = torch.tensor([0, 0, 1, 2, 2])
+
+
+def look_start(images=None, labels=None, text=None, **kwargs):
+    """`shared_look_start` on 12 images of 3 classes (dim 6); its three parts, flattened."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(12, 6, generator=generator) if images is None else images
+    labels = torch.arange(3).repeat(4) if labels is None else labels
+    text = torch.randn(3, 6, generator=generator) if text is None else text
+    start = PF.shared_look_start(images, labels, text, **{"n_subprompts": 2, **kwargs})
+    return torch.cat(
+        [start.class_offsets.flatten(), start.shared_offsets.flatten(), start.subprompt_offsets.flatten()]
+    )
+
+
+def images_on_their_text(**kwargs):
+    """Images exactly on their class's text: nothing left to cluster, so k-means is skipped."""
+    text = torch.eye(3, 6)
+    return look_start(images=text.repeat(4, 1), text=text, **kwargs)
+
+
+def one_shot_stays_near_text():
+    generator = torch.Generator().manual_seed(3)
+    text = torch.nn.functional.normalize(torch.randn(3, 6, generator=generator), dim=-1)
+    images = torch.nn.functional.normalize(torch.randn(3, 6, generator=generator), dim=-1)
+    start = PF.shared_look_start(images, torch.arange(3), text, n_subprompts=1, prior_count=4.0)
+    residual = images - text
+    kept = start.class_offsets.norm(dim=-1) / (residual - residual.mean(0)).norm(dim=-1)
+    return f"one image per class keeps {[round(k, 3) for k in kept.tolist()]} of its offset (1/5 = 0.2)"
+
+
+def loss_with_prior(prior, **kwargs):
+    return MixtureOfPromptsLoss(**kwargs)(*problem(), prior)["loss"]
+
+
+def negative_prior_is_added():
+    base = MixtureOfPromptsLoss()(*problem())["loss"]
+    value = loss_with_prior(torch.tensor(-1.0))
+    return f"a log-density may be negative: loss = loss without prior - 1: {torch.allclose(value, base - 1)}"
+
+
+def no_noise_is_plain_cross_entropy():
+    images, prompts, labels = problem()
+    loss_fn = MixtureOfPromptsLoss(label_noise=0.0, mixture_weight=0.0)
+    out = loss_fn(images, prompts, labels)
+    plain = torch.nn.functional.cross_entropy(loss_fn.logits(images, prompts), labels)
+    return f"label_noise 0: ce equals plain cross-entropy: {torch.allclose(out['ce'], plain)}"
+
+
+def empty_batch_with_prior():
+    images, prompts, labels = problem()
+    prior = torch.tensor(0.25)
+    out = MixtureOfPromptsLoss()(images[:0], prompts, labels[:0], prior)
+    return (
+        f"the loss is the prior alone: {torch.equal(out['loss'], prior)}; label_confidence of "
+        f"shape {tuple(out['label_confidence'].shape)}"
+    )
+
+
+def prior_loss_after(change):
+    prompts = learner()
+    change(prompts)
+    return prompts.prior_loss()
+
+
+def load_num_images(value):
+    prompts = learner()
+    state = {k: v.clone() for k, v in prompts.state_dict().items()}
+    state["num_images"] = torch.tensor(value)
+    return unchanged(lambda: prompts.state_dict(), lambda: prompts.load_state_dict(state))
+
+
+def load_other_learner(source_share_looks, target_share_looks):
+    prompts = learner(share_looks=target_share_looks)
+    state = learner(share_looks=source_share_looks).state_dict()
+    return unchanged(lambda: prompts.state_dict(), lambda: prompts.load_state_dict(state))
+
+
+def recipe_init(images, labels, **kwargs):
+    """`initialize_from_kmeans` on the recipe's learner (shared looks), which must not change on error."""
+    prompts = learner(**kwargs.pop("learner", {}))
+    return unchanged(
+        lambda: {k: v.clone() for k, v in prompts.state_dict().items()},
+        lambda: initialize_from_kmeans(prompts, images, labels, **kwargs),
+    )
+
+
+TRAIN = (torch.randn(9, 16, generator=torch.Generator().manual_seed(4)), torch.arange(3).repeat(3))
+
+
 GOOD = torch.full((4, 3), 1 / 3)
 LABELS4 = torch.tensor([0, 1, 0, 1])
 
@@ -401,6 +496,66 @@ CASES: list[tuple[str, str, Callable[[], object]]] = [
     ("prompts: two names beyond 77 tokens", "bad", lambda: learner((" ".join(["very"] * 80) + " red", " ".join(["very"] * 80) + " blue"))),
     ("prompts: tokenizer=None", "bad", lambda: learner(tokenizer=None)),
     ("prompts: MixtureOfPrompts with duplicate names", "bad", lambda: learner(("cat", "cat"), cls=MixtureOfPrompts)),
+    # --- the recommended recipe (issue 15): label confidence
+    ("label confidence: NaN logits row", "bad", lambda: PF.label_confidence(with_nan(LOGITS, (1, 1)), LABELS3)),
+    ("label confidence: NaN logits row, label_noise 0", "bad", lambda: PF.label_confidence(with_nan(LOGITS, (1, 1)), LABELS3, label_noise=0.0)),
+    ("label confidence: NaN logits row, one class", "bad", lambda: PF.label_confidence(torch.tensor([[NAN], [1.0]]), torch.tensor([0, 0]))),
+    ("label confidence: a label = num_classes", "bad", lambda: PF.label_confidence(LOGITS, torch.tensor([0, 1, 3, 0]))),
+    ("label confidence: a label = -1, label_noise 0", "bad", lambda: PF.label_confidence(LOGITS, torch.tensor([0, 1, -1, 0]), label_noise=0.0)),
+    ("label confidence: label_noise 1", "bad", lambda: PF.label_confidence(LOGITS, LABELS3, label_noise=1.0)),
+    ("label confidence: label_noise NaN", "bad", lambda: PF.label_confidence(LOGITS, LABELS3, label_noise=NAN)),
+    ("label confidence: label_noise as a tensor", "bad", lambda: PF.label_confidence(LOGITS, LABELS3, label_noise=torch.tensor(0.1))),
+    ("label confidence: integer logits", "bad", lambda: PF.label_confidence(torch.ones(4, 3, dtype=torch.long), LABELS3)),
+    ("label confidence: logits of rank 1", "bad", lambda: PF.label_confidence(torch.randn(3), LABELS3)),
+    # --- shrunk group means and the shared-look start
+    ("shrunk means: NaN value", "bad", lambda: PF.shrunk_group_means(with_nan(VALUES, (0, 0)), GROUPS, num_groups=3)),
+    ("shrunk means: a group = num_groups", "bad", lambda: PF.shrunk_group_means(VALUES, torch.tensor([0, 0, 1, 3, 2]), num_groups=3)),
+    ("shrunk means: a group = -1", "bad", lambda: PF.shrunk_group_means(VALUES, torch.tensor([0, 0, 1, -1, 2]), num_groups=3)),
+    ("shrunk means: integer values", "bad", lambda: PF.shrunk_group_means(torch.ones(5, 2, dtype=torch.long), GROUPS, num_groups=3)),
+    ("shrunk means: prior_count inf", "bad", lambda: PF.shrunk_group_means(VALUES, GROUPS, num_groups=3, prior_count=INF)),
+    ("shrunk means: num_groups 0", "bad", lambda: PF.shrunk_group_means(VALUES, GROUPS, num_groups=0)),
+    ("shared looks: NaN image feature", "bad", lambda: look_start(images=with_nan(torch.randn(12, 6), (3, 1)))),
+    ("shared looks: a zero image feature", "bad", lambda: look_start(images=torch.randn(12, 6).index_fill(0, torch.tensor([2]), 0.0))),
+    ("shared looks: NaN text feature", "bad", lambda: look_start(text=with_nan(torch.randn(3, 6), (1, 1)))),
+    ("shared looks: a zero text feature", "bad", lambda: look_start(text=torch.randn(3, 6).index_fill(0, torch.tensor([2]), 0.0))),
+    ("shared looks: text features (C, K, D)", "bad", lambda: look_start(text=torch.randn(3, 2, 6))),
+    ("shared looks: a label = num_classes", "bad", lambda: look_start(labels=torch.arange(3).repeat(4).index_fill(0, torch.tensor([0]), 3))),
+    ("shared looks: more looks than images", "bad", lambda: look_start(n_subprompts=13)),
+    ("shared looks: iterations -1, k-means skipped", "bad", lambda: images_on_their_text(iterations=-1)),
+    ("shared looks: restarts 0, k-means skipped", "bad", lambda: images_on_their_text(restarts=0)),
+    ("shared looks: one image per class", "valid", one_shot_stays_near_text),
+    # --- the loss: prior= and label_noise=
+    ("loss: prior NaN", "bad", lambda: loss_with_prior(torch.tensor(NAN))),
+    ("loss: prior of shape (2,)", "bad", lambda: loss_with_prior(torch.ones(2))),
+    ("loss: prior as a float", "bad", lambda: loss_with_prior(0.5)),
+    ("loss: prior=prompts.prior_loss (not called)", "bad", lambda: loss_with_prior(learner().prior_loss)),
+    ("loss: integer prior", "bad", lambda: loss_with_prior(torch.tensor(1))),
+    ("loss: a negative prior", "valid", negative_prior_is_added),
+    ("loss: label_noise 1", "bad", lambda: MixtureOfPromptsLoss(label_noise=1.0)),
+    ("loss: label_noise -0.1", "bad", lambda: MixtureOfPromptsLoss(label_noise=-0.1)),
+    ("loss: label_noise '0.1'", "bad", lambda: MixtureOfPromptsLoss(label_noise="0.1")),
+    ("loss: NaN image, label_confidence output", "bad", lambda: MixtureOfPromptsLoss()(with_nan(problem()[0], (2, 1)), *problem()[1:])["label_confidence"]),
+    ("loss: label_noise 0", "valid", no_noise_is_plain_cross_entropy),
+    ("loss: empty batch with a prior", "valid", empty_batch_with_prior),
+    # --- OffsetMixtureOfPrompts: shared looks and its prior
+    ("offset prompts: share_looks 1", "bad", lambda: learner(share_looks=1)),
+    ("offset prompts: text_prior_weight -1", "bad", lambda: learner(text_prior_weight=-1.0)),
+    ("offset prompts: subprompt_prior_weight NaN", "bad", lambda: learner(subprompt_prior_weight=NAN)),
+    ("offset prompts: prior_loss with a NaN shared look", "bad", lambda: prior_loss_after(lambda p: p.shared_offsets.data.fill_(NAN))),
+    ("offset prompts: prior_loss with a NaN class part", "bad", lambda: prior_loss_after(lambda p: p.class_offsets.data.fill_(NAN))),
+    ("offset prompts: load num_images 0", "bad", lambda: load_num_images(0.0)),
+    ("offset prompts: load num_images -5", "bad", lambda: load_num_images(-5.0)),
+    ("offset prompts: load num_images NaN", "bad", lambda: load_num_images(NAN)),
+    ("offset prompts: load a share_looks=False state into shared looks", "bad", lambda: load_other_learner(False, True)),
+    ("offset prompts: load a shared-looks state into share_looks=False", "bad", lambda: load_other_learner(True, False)),
+    # --- initialize_from_kmeans: the recipe's start
+    ("init: prior_count -1", "bad", lambda: recipe_init(*TRAIN, prior_count=-1.0)),
+    ("init: prior_count NaN", "bad", lambda: recipe_init(*TRAIN, prior_count=NAN)),
+    ("init: a label = num_classes, shared looks", "bad", lambda: recipe_init(TRAIN[0], TRAIN[1].index_fill(0, torch.tensor([0]), 3))),
+    ("init: NaN image feature, shared looks", "bad", lambda: recipe_init(with_nan(TRAIN[0], (1, 1)), TRAIN[1])),
+    ("init: fewer images than looks", "bad", lambda: recipe_init(TRAIN[0][:1], TRAIN[1][:1])),
+    ("init: no images, shared looks", "bad", lambda: recipe_init(torch.empty(0, 16), torch.empty(0, dtype=torch.long))),
+    ("init: no images, share_looks=False", "bad", lambda: recipe_init(torch.empty(0, 16), torch.empty(0, dtype=torch.long), learner={"share_looks": False})),
 ]
 
 

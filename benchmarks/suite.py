@@ -29,13 +29,14 @@ Only full runs write into docs/suite; others write to `--out` or a temporary fol
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from fine_worlds import FineSpec, FineWorld, classnames, pretrained_clip
 from sklearn.metrics import normalized_mutual_info_score
 from suite_worlds import WORLDS as CLASS_WORLDS
-from suite_worlds import World, WorldSpec, split_counts
+from suite_worlds import World, WorldSpec
 from torch import Tensor, nn
 
 import promptmix
@@ -153,7 +154,9 @@ class Setup:
 def class_world_names(num_classes: int) -> list[str]:
     makes = ("Aurora", "Bexley", "Corvan", "Dunmore", "Elstar", "Fenwick", "Galt", "Harlow")
     bodies = ("Sedan", "Coupe", "SUV", "Convertible", "Hatchback", "Wagon", "Minivan", "Cab")
-    return [f"{makes[i % 8]} M{i} {bodies[(i // 2) % 8]} {2000 + i % 13}" for i in range(num_classes)]
+    return [
+        f"{makes[i % 8]} M{i} {bodies[(i // 2) % 8]} {2000 + i % 13}" for i in range(num_classes)
+    ]
 
 
 def make_setup(name: str, learner: str, seed: int) -> Setup:
@@ -229,7 +232,9 @@ ONE_PROMPT = Contender(
     loss_options=CE_ONLY,
     select_lr=True,
 )
-KGCOOP = replace(ONE_PROMPT, name="one prompt + anchor (KgCoOp)", anchor_weight=8.0, select_lr=False)
+KGCOOP = replace(
+    ONE_PROMPT, name="one prompt + anchor (KgCoOp)", anchor_weight=8.0, select_lr=False
+)
 UNCURED = Contender(
     "uncured mixture",
     learner_options=dict(share_looks=False),
@@ -442,7 +447,9 @@ def run_job(job: tuple[str, str, int, bool, Training]) -> list[tuple[str, str, s
         contenders.remove(UNCURED)
         contenders.remove(PREVIOUS)
     for contender in contenders:
-        features, loss_fn = fit(contender, setup, setup.train, training, chosen_lr(contender, setup, training))
+        features, loss_fn = fit(
+            contender, setup, setup.train, training, chosen_lr(contender, setup, training)
+        )
         rows.append((name, learner, contender.name, seed, evaluate(features, setup.test, loss_fn)))
     if levers:
         for contender in lever_contenders():
@@ -455,6 +462,21 @@ def run_job(job: tuple[str, str, int, bool, Training]) -> list[tuple[str, str, s
 # --------------------------------------------------------------------------- main
 
 
+def replot(out: Path) -> None:
+    """Rewrite results.md and the plots from a finished run's rows.json, without training."""
+    import suite_report
+
+    saved = json.loads((out / "rows.json").read_text())
+    rows = [tuple(row) for row in saved["rows"]]
+    training = Training(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in saved["training"].items()}
+    )
+    paths = suite_report.write(
+        out, rows, saved["worlds"], saved["seeds"], training, saved["command"], WORLDS
+    )
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one world, one seed, short runs")
@@ -464,7 +486,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-levers", action="store_true", help="skip the one-knob table")
     parser.add_argument("--workers", type=int, default=2, help="processes (one thread each)")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.md and plots")
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="rewrite results.md and the plots from the rows.json of --out (default docs/suite)",
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        replot(args.out or DOCS_OUT)
+        return
     training = (
         Training(steps=40, mixture_steps=5, lr_choices=(5e-3,), mixture_lr_choices=(1e-3,))
         if args.quick
@@ -475,7 +505,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     learners = args.learners or (["offset"] if args.quick else list(LEARNERS))
     levers = not args.no_levers and not args.quick
     full = not args.quick and args.worlds is None and args.learners is None and seeds == [0, 1, 2]
-    out = args.out or (DOCS_OUT if full and levers else Path(tempfile.gettempdir()) / "promptmix-suite")
+    out = args.out or (
+        DOCS_OUT if full and levers else Path(tempfile.gettempdir()) / "promptmix-suite"
+    )
     out.mkdir(parents=True, exist_ok=True)
     jobs = [
         (world, learner, seed, levers and learner == "offset" and world in LEVER_WORLDS, training)
@@ -493,13 +525,30 @@ def main(argv: Sequence[str] | None = None) -> None:
         with context.Pool(args.workers) as pool:
             for done in pool.imap_unordered(run_job, jobs):
                 rows += done
-                print(f"  {done[0][0]} / {done[0][1]} / seed {done[0][3]} ({time.perf_counter() - start:.0f} s)", flush=True)
+                print(
+                    f"  {done[0][0]} / {done[0][1]} / seed {done[0][3]} "
+                    f"({time.perf_counter() - start:.0f} s)",
+                    flush=True,
+                )
     else:
         for job in jobs:
             rows += run_job(job)
     import suite_report  # matplotlib only when running
 
     command = "python benchmarks/suite.py" + ("" if levers else " --no-levers")
+    rows.sort(key=lambda row: row[:4])
+    (out / "rows.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "worlds": worlds,
+                "seeds": seeds,
+                "training": asdict(training),
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     paths = suite_report.write(out, rows, worlds, seeds, training, command, WORLDS)
     print(f"wrote {', '.join(str(p) for p in paths)}")
     print(f"wall time {time.perf_counter() - start:.1f} s ({args.workers} processes)")

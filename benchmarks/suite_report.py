@@ -62,7 +62,8 @@ def targets(
 ) -> list[str]:
     """One line per world: the recipe against the best single-prompt reference, and its NMI."""
     lines = [
-        "| world | recommended | best single prompt | gap | ≥ −0.5 | ≥ +1 (16+ shots) | NMI ≥ 0.85 |\n",
+        "| world | recommended | best single prompt | gap | ≥ −0.5 | ≥ +1 (16+ shots) "
+        "| NMI ≥ 0.85 |\n",
         "|---|---|---|---|---|---|---|\n",
     ]
     for world in worlds:
@@ -99,7 +100,11 @@ def results_table(
     learner: str,
     contenders: Sequence[str],
 ) -> list[str]:
-    present = [c for c in contenders if any((w, learner, c) in stats or (w, "offset", c) in stats for w in worlds)]
+    present = [
+        c
+        for c in contenders
+        if any((w, learner, c) in stats or (w, "offset", c) in stats for w in worlds)
+    ]
     lines = [
         "| world | " + " | ".join(present) + " | NMI (recommended) |\n",
         "|---" * (len(present) + 2) + "|\n",
@@ -136,7 +141,9 @@ def lever_table(stats: Mapping[tuple[str, str, str], Stats], worlds: Sequence[st
         cells = []
         for world in present:
             entry = stats[world, "lever", name]
-            delta = 100 * (entry["accuracy"][0] - stats[world, "offset", suite.RECIPE.name]["accuracy"][0])
+            delta = 100 * (
+                entry["accuracy"][0] - stats[world, "offset", suite.RECIPE.name]["accuracy"][0]
+            )
             cells.append(f"{cell(entry)} ({delta:+.1f})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |\n")
     return lines
@@ -144,16 +151,28 @@ def lever_table(stats: Mapping[tuple[str, str, str], Stats], worlds: Sequence[st
 
 def plot_shots(path: Path, stats: Mapping[tuple[str, str, str], Stats]) -> Path | None:
     """Accuracy against shots in the fine-grained world, one line per contender."""
-    shots = [(1, "fine 1 shot"), (2, "fine 2 shots"), (4, "fine 4 shots"), (8, "fine 8 shots"), (16, "fine 16 shots")]
+    shots = [
+        (1, "fine 1 shot"),
+        (2, "fine 2 shots"),
+        (4, "fine 4 shots"),
+        (8, "fine 8 shots"),
+        (16, "fine 16 shots"),
+    ]
     shots = [(n, w) for n, w in shots if (w, "offset", suite.RECIPE.name) in stats]
     if len(shots) < 2:
         return None
     figure, axis = plt.subplots(figsize=(8, 4.5))
     for index, name in enumerate(suite.CONTENDERS):
-        means = [stats.get((w, "offset", name), {}).get("accuracy", (math.nan, 0))[0] for _, w in shots]
+        means = [
+            stats.get((w, "offset", name), {}).get("accuracy", (math.nan, 0))[0] for _, w in shots
+        ]
         if all(math.isnan(m) for m in means):
             continue
-        style = dict(linewidth=3, color="black") if name == suite.RECIPE.name else dict(color=plt.get_cmap("tab10")(index))
+        style = (
+            dict(linewidth=3, color="black")
+            if name == suite.RECIPE.name
+            else dict(color=plt.get_cmap("tab10")(index))
+        )
         axis.plot([n for n, _ in shots], [100 * m for m in means], marker="o", label=name, **style)
     axis.set_xscale("log", base=2)
     axis.set_xticks([n for n, _ in shots], [str(n) for n, _ in shots])
@@ -168,7 +187,9 @@ def plot_shots(path: Path, stats: Mapping[tuple[str, str, str], Stats]) -> Path 
     return path
 
 
-def plot_levers(path: Path, stats: Mapping[tuple[str, str, str], Stats], worlds: Sequence[str]) -> Path | None:
+def plot_levers(
+    path: Path, stats: Mapping[tuple[str, str, str], Stats], worlds: Sequence[str]
+) -> Path | None:
     """The change in accuracy of each lever against the recommended recipe, one marker per world."""
     names = [c.name for c in suite.lever_contenders()]
     present = [w for w in worlds if (w, "lever", names[0]) in stats]
@@ -179,12 +200,20 @@ def plot_levers(path: Path, stats: Mapping[tuple[str, str, str], Stats], worlds:
     for index, world in enumerate(present):
         base = stats[world, "offset", suite.RECIPE.name]["accuracy"][0]
         deltas = [100 * (stats[world, "lever", n]["accuracy"][0] - base) for n in names]
-        axis.scatter(deltas, np.arange(len(names)) + 0.12 * (index - len(present) / 2), marker=markers[index % 5], label=world, s=36)
+        axis.scatter(
+            deltas,
+            np.arange(len(names)) + 0.12 * (index - len(present) / 2),
+            marker=markers[index % 5],
+            label=world,
+            s=36,
+        )
     axis.axvline(0, color="black", linewidth=1)
     axis.set_yticks(np.arange(len(names)), names)
     axis.invert_yaxis()
-    axis.set_xlabel("accuracy change against the recommended recipe (points)")
+    axis.set_xlabel("accuracy change against the recommended recipe (points, symmetric log scale)")
     axis.set_xscale("symlog", linthresh=2)
+    ticks = [-40, -20, -10, -5, -2, -1, 0, 1, 2]
+    axis.set_xticks(ticks, [f"{t:+d}" if t else "0" for t in ticks])
     axis.grid(axis="x", alpha=0.3)
     axis.legend(fontsize=8, loc="lower left")
     figure.tight_layout()
@@ -224,12 +253,19 @@ def write(
     ]
     if per_class:
         lines += [
-            "\n### Worlds whose looks are their classes' own (16 classes), `OffsetMixtureOfPrompts`\n\n",
+            "\n### Worlds whose looks are their classes' own (16 classes), "
+            "`OffsetMixtureOfPrompts`\n\n",
             *results_table(stats, per_class, "offset", suite.CONTENDERS),
         ]
     mixture = [w for w in worlds if any(key[:2] == (w, "mixture") for key in stats)]
     if mixture:
-        names = [suite.ZERO_SHOT, suite.ONE_PROMPT.name, suite.KGCOOP.name, suite.RECIPE.name, *(c.name for c in suite.MIXTURE_EXTRA)]
+        names = [
+            suite.ZERO_SHOT,
+            suite.ONE_PROMPT.name,
+            suite.KGCOOP.name,
+            suite.RECIPE.name,
+            *(c.name for c in suite.MIXTURE_EXTRA),
+        ]
         lines += [
             "\n### `MixtureOfPrompts` through a tiny pre-trained text tower\n\n",
             *results_table(stats, mixture, "mixture", names),
@@ -240,7 +276,10 @@ def write(
     path = out / "results.md"
     path.write_text("".join(lines))
     paths = [path]
-    for plotted in (plot_shots(out / "shots.png", stats), plot_levers(out / "levers.png", stats, worlds)):
+    for plotted in (
+        plot_shots(out / "shots.png", stats),
+        plot_levers(out / "levers.png", stats, worlds),
+    ):
         if plotted is not None:
             paths.append(plotted)
     return paths

@@ -190,3 +190,32 @@ def test_a_shrunk_start_stays_nearer_the_text_with_fewer_images(model, tokenizer
         class_part = torch.nn.functional.cosine_similarity(text + prompts.class_offsets, text)
         cosines.append(class_part.mean().item())
     assert cosines[0] > cosines[1] > cosines[2]
+
+
+@pytest.mark.parametrize("share_looks", [True, False])
+def test_no_images_is_an_error_not_a_start(model, tokenizer, share_looks) -> None:
+    # Without the check the per-class learner kept its offsets and set num_images to 0, so
+    # prior_loss() became NaN at the first step.
+    prompts = OffsetMixtureOfPrompts(
+        model, tokenizer, NAMES, n_subprompts=2, share_looks=share_looks
+    )
+    before = {name: value.clone() for name, value in prompts.state_dict().items()}
+    with pytest.raises(ValueError, match="at least one training image"):
+        initialize_from_kmeans(prompts, torch.empty(0, 16), torch.empty(0, dtype=torch.long))
+    for name, value in prompts.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_shared_looks_need_k_images_and_labels_are_checked_on_every_device(
+    model, tokenizer, monkeypatch
+) -> None:
+    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=3)
+    images, labels = _images([0, 1])
+    with pytest.raises(ValueError, match="at least K = 3 images"):
+        initialize_from_kmeans(prompts, images, labels)
+    from promptmix import _validation
+
+    monkeypatch.setattr(_validation, "HOST_CHECKS", False)  # the path a GPU takes
+    images, labels = _images([0, 1, 3, 2])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\] \(the prompts' classes\)"):
+        initialize_from_kmeans(prompts, images, labels)

@@ -1,4 +1,4 @@
-"""Shared looks, the shrunk start and label confidence: `promptmix.functional.looks`, `label_noise`."""
+"""Shared looks, the shrunk start and label confidence (`functional.looks`, `label_noise`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sklearn.metrics import normalized_mutual_info_score
 
+from promptmix import _validation
 from promptmix import functional as PF
 
 
@@ -143,8 +144,13 @@ class TestLabelConfidence:
 
     def test_no_noise_one_class_and_no_gradient(self) -> None:
         logits = torch.randn(4, 3, requires_grad=True)
-        assert torch.equal(PF.label_confidence(logits, torch.zeros(4, dtype=torch.long), label_noise=0.0), torch.ones(4))
-        assert torch.equal(PF.label_confidence(torch.randn(4, 1), torch.zeros(4, dtype=torch.long)), torch.ones(4))
+        assert torch.equal(
+            PF.label_confidence(logits, torch.zeros(4, dtype=torch.long), label_noise=0.0),
+            torch.ones(4),
+        )
+        assert torch.equal(
+            PF.label_confidence(torch.randn(4, 1), torch.zeros(4, dtype=torch.long)), torch.ones(4)
+        )
         assert not PF.label_confidence(logits, torch.zeros(4, dtype=torch.long)).requires_grad
 
     def test_nan_rows_give_nan_and_extremes_stay_finite(self) -> None:
@@ -166,3 +172,66 @@ class TestLabelConfidence:
         logits, labels = args.pop("logits"), args.pop("labels")
         with pytest.raises(error, match=match):
             PF.label_confidence(logits, labels, **args)
+
+
+class TestBadValuesNeverGiveAFiniteResult:
+    """The policy of docs/reliability.md for the recipe's new functions (found by bad_inputs.py)."""
+
+    @pytest.fixture
+    def device_path(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Value checks as on a GPU: no host reads, NaN instead of an error."""
+        monkeypatch.setattr(_validation, "HOST_CHECKS", False)
+
+    @pytest.mark.parametrize("label_noise", [0.0, 0.1])
+    def test_label_confidence_keeps_a_nan_row_nan_whatever_the_noise(
+        self, label_noise: float
+    ) -> None:
+        logits = torch.tensor([[0.0, float("nan")], [2.0, 0.0]])
+        weights = PF.label_confidence(logits, torch.tensor([0, 0]), label_noise=label_noise)
+        assert math.isnan(weights[0]) and math.isfinite(weights[1])
+        one_class = PF.label_confidence(torch.tensor([[float("nan")], [1.0]]), torch.tensor([0, 0]))
+        assert math.isnan(one_class[0]) and one_class[1] == 1.0
+
+    @pytest.mark.parametrize("label_noise", [0.0, 0.1])
+    @pytest.mark.parametrize("bad", [3, -1])
+    def test_label_confidence_off_the_cpu_makes_a_bad_label_nan(
+        self, device_path: None, label_noise: float, bad: int
+    ) -> None:
+        weights = PF.label_confidence(
+            torch.randn(3, 3), torch.tensor([0, bad, 2]), label_noise=label_noise
+        )
+        assert math.isnan(weights[1]) and torch.isfinite(weights[[0, 2]]).all()
+
+    @pytest.mark.parametrize("bad", [3, -1])
+    def test_shrunk_group_means_off_the_cpu_makes_a_bad_group_nan(
+        self, device_path: None, bad: int
+    ) -> None:
+        means = PF.shrunk_group_means(torch.ones(3, 2), torch.tensor([0, bad, 2]), num_groups=3)
+        assert torch.isnan(means).all()
+
+    def test_shared_look_start_checks_labels_on_the_host_on_every_device(
+        self, device_path: None
+    ) -> None:
+        text, images, labels, _ = world(per_class=3)
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\]"):
+            PF.shared_look_start(images, labels + 1, text, n_subprompts=3)
+
+    @pytest.mark.parametrize("value", [float("nan"), 0.0])
+    def test_shared_look_start_refuses_nan_or_zero_text(self, value: float) -> None:
+        text, images, labels, _ = world(per_class=3)
+        text = text.clone()
+        text[2] = value
+        with pytest.raises(ValueError, match="text_features"):
+            PF.shared_look_start(images, labels, text, n_subprompts=3)
+
+    @pytest.mark.parametrize(
+        ("kwargs", "match"), [(dict(iterations=-1), "iterations"), (dict(restarts=0), "restarts")]
+    )
+    def test_shared_look_start_checks_the_k_means_settings_even_without_k_means(
+        self, kwargs: dict, match: str
+    ) -> None:
+        # Images on their class's text leave no residual: the k-means is skipped.
+        text = F.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+        labels = torch.arange(3).repeat(2)
+        with pytest.raises(ValueError, match=match):
+            PF.shared_look_start(text[labels], labels, text, n_subprompts=2, **kwargs)

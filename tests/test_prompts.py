@@ -284,7 +284,9 @@ def test_offset_prompts_start_at_the_frozen_text_features(model, tokenizer):
 
 @pytest.mark.parametrize("share_looks", [True, False])
 def test_offset_prompts_never_run_the_text_tower_and_break_symmetry(model, tokenizer, share_looks):
-    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=4, share_looks=share_looks)
+    prompts = OffsetMixtureOfPrompts(
+        model, tokenizer, NAMES, n_subprompts=4, share_looks=share_looks
+    )
     model.transformer.forward = None  # any call to the tower now fails
     features = prompts()
     torch.testing.assert_close(prompts([3, 1]), features[[3, 1]], atol=0, rtol=0)
@@ -339,6 +341,23 @@ def test_offset_prompts_reject_bad_prior_settings(model, tokenizer):
         OffsetMixtureOfPrompts(model, tokenizer, NAMES, text_prior_weight=-1.0)
     with pytest.raises(ValueError, match="subprompt_prior_weight"):
         OffsetMixtureOfPrompts(model, tokenizer, NAMES, subprompt_prior_weight=float("nan"))
+
+
+@pytest.mark.parametrize("num_images", [0.0, -5.0, float("nan")])
+def test_a_state_whose_num_images_is_not_positive_is_refused_before_loading(
+    model, tokenizer, num_images
+):
+    prompts = OffsetMixtureOfPrompts(model, tokenizer, NAMES, n_subprompts=2)
+    saved = {name: value + 1 for name, value in prompts.state_dict().items()}
+    saved["num_images"] = torch.tensor(num_images)
+    before = {name: value.clone() for name, value in prompts.state_dict().items()}
+    with pytest.raises(RuntimeError, match="num_images must be a floating-point tensor"):
+        prompts.load_state_dict(saved)
+    for name, value in prompts.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    saved["num_images"] = torch.tensor(12.0)
+    prompts.load_state_dict(saved)
+    assert prompts.num_images.item() == 12.0
 
 
 class HostSync(RuntimeError):

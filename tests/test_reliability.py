@@ -403,3 +403,38 @@ def test_whole_default_training_step_makes_no_host_sync(request) -> None:
         out["loss"].backward()
         optimizer.step()
         schedule.step()
+
+
+def test_the_recipe_training_step_makes_no_host_sync(request) -> None:
+    """The recommended recipe: shared looks, their start, label noise and the learner's prior.
+
+    Construction and `initialize_from_kmeans` read the host (once); the guard starts after.
+    """
+    import open_clip
+
+    from promptmix import OffsetMixtureOfPrompts, TemperatureSchedule, initialize_from_kmeans
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=1, head_width=32),
+        text_cfg=dict(width=32, heads=2, layers=1),
+    )
+    prompts = OffsetMixtureOfPrompts(
+        model, open_clip.get_tokenizer("ViT-B-32"), ["cat", "dog", "owl"], n_subprompts=2
+    )
+    images, labels = torch.randn(12, 16), torch.arange(3).repeat(4)
+    initialize_from_kmeans(prompts, images, labels)
+    schedule = TemperatureSchedule(total_steps=4)
+    loss_fn = MixtureOfPromptsLoss(tau=schedule)
+    # SGD: PyTorch's CPU Adam reads its step count on the host (its own business, not ours).
+    optimizer = torch.optim.SGD(prompts.parameters(), lr=0.1)
+    before = prompts.shared_offsets.detach().clone()
+    request.getfixturevalue("no_host_sync")
+    for _ in range(2):
+        optimizer.zero_grad()
+        out = loss_fn(images, prompts(), labels, prompts.prior_loss())
+        out["loss"].backward()
+        optimizer.step()
+        schedule.step()
+    assert not torch.equal(prompts.shared_offsets, before)

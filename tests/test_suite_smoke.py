@@ -47,6 +47,10 @@ def test_quick_run_writes_the_tables_and_the_recipe_beats_one_prompt(suite, tmp_
     # Even after a short run the looks learned from every class match the true looks.
     results = text.split("### Fine-grained worlds")[1]
     assert float(_row(results, "fine 4 shots")[-2]) >= 0.85  # NMI of the recommended recipe
+    # The saved rows rebuild the same report without training.
+    (tmp_path / "results.md").unlink()
+    suite.main(["--replot", "--out", str(tmp_path)])
+    assert (tmp_path / "results.md").read_text() == text
 
 
 def test_fine_world_is_shaped_like_fine_grained_data(suite) -> None:

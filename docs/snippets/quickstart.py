@@ -1,6 +1,6 @@
 import torch
 
-from promptmix import MixtureOfPromptsLoss, TemperatureSchedule, UsageEstimate, detect_collapse
+from promptmix import MixtureOfPromptsLoss, TemperatureSchedule, detect_collapse
 
 torch.manual_seed(0)
 num_classes, n_subprompts, dim, steps = 10, 4, 512, 1000
@@ -12,12 +12,10 @@ image_features = torch.randn(64, dim)  # frozen CLIP image features of a batch
 labels = torch.randint(0, num_classes, (64,))
 
 schedule = TemperatureSchedule(total_steps=steps)  # tau 1 -> 0.3, linear: the recommended one
-loss_fn = MixtureOfPromptsLoss(  # the defaults: EM pull 10, marginal entropy 1, no diversity
-    tau=schedule,
-    # the marginal entropy spreads each class's usage, helped by a running usage estimate
-    usage_estimate=UsageEstimate(num_classes=num_classes, n_subprompts=n_subprompts),
-)
-out = loss_fn(image_features, subprompts, labels)
+# The defaults: EM pull 1, label noise 0.1 (each image weighed by how likely its label is
+# right), no entropy or diversity term (both computed and reported all the same).
+loss_fn = MixtureOfPromptsLoss(tau=schedule)
+out = loss_fn(image_features, subprompts, labels)  # with a learner: add prior=prompts.prior_loss()
 out["loss"].backward()  # gradients reach the sub-prompts
 schedule.step()  # advance tau once per iteration
 

@@ -113,8 +113,9 @@ def initialize_from_kmeans(
 
     Raises:
         TypeError: If `labels` is not an integer tensor.
-        ValueError: On image features of another dimension than the prompts', with NaN, inf or
-            zero rows, or labels outside `[0, num_classes)`.
+        ValueError: On no image features (fewer than K with shared looks), image features of
+            another dimension than the prompts', with NaN, inf or zero rows, or labels outside
+            `[0, num_classes)` (read on the host on every device, as k-means does).
 
     Examples:
         >>> import open_clip, torch
@@ -133,6 +134,11 @@ def initialize_from_kmeans(
         True
     """
     check_rank("image_features", image_features, (2,), "(n, dim)")
+    if image_features.shape[0] == 0:
+        raise ValueError(
+            "image_features must hold at least one training image (n >= 1) to start from but "
+            f"has shape {tuple(image_features.shape)}."
+        )
     labels = check_labels("labels", labels, image_features.shape[0], None)
     check_int("fit_steps", fit_steps, minimum=0)
     check_positive("fit_lr", fit_lr)
@@ -150,7 +156,19 @@ def initialize_from_kmeans(
             f"image_features must have dim {dim} (the prompts' feature dimension) but has "
             f"shape {tuple(image_features.shape)}."
         )
+    # Set-up reads the host anyway (k-means does): the label range is checked on every device.
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes - 1}] (the prompts' classes) but ranges over "
+            f"[{low}, {high}]."
+        )
     if isinstance(prompts, OffsetMixtureOfPrompts) and prompts.share_looks:
+        if labels.shape[0] < k:
+            raise ValueError(
+                f"image_features must hold at least K = {k} images (the looks are found among "
+                f"them) but holds {labels.shape[0]}."
+            )
         with torch.no_grad():
             return _start_shared_looks(
                 prompts, image_features, labels, prior_count, iterations, restarts, generator

@@ -208,10 +208,10 @@ class MixtureOfPromptsLoss(nn.Module):
     **Weights.** The defaults (EM pull 1, entropy 0, diversity 0, label noise 0.1) come from
     `benchmarks/suite.py` (evidence in `docs/tuning.md`): with the shared-look start and the
     learner's prior, a stronger pull overrides the text prior at one shot, and the entropy term
-    spreads one image over its sub-prompts when a class has one image in a batch. A weight of 0 keeps a term out of the
-    gradient: the term is still computed, without a graph, and reported, so its inputs are
-    checked and it can be logged (NaN in it still makes the loss NaN, as the policy of
-    `docs/reliability.md` asks).
+    spreads one image over its sub-prompts when a class has one image in a batch. A weight of 0
+    keeps a term out of the gradient: the term is still computed, without a graph, and reported,
+    so its inputs are checked and it can be logged (NaN in it still makes the loss NaN, as the
+    policy of `docs/reliability.md` asks).
 
     Args:
         diversity_weight: $w_d \ge 0$.

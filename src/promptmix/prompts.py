@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -595,18 +595,17 @@ class OffsetMixtureOfPrompts(nn.Module):
         self.register_buffer("text_features", features, persistent=False)
 
         num_classes, k, dim = features.shape
-        like = dict(device=features.device, dtype=features.dtype)
+        device, dtype = features.device, features.dtype
         noise_shape = (k, dim) if share_looks else (num_classes, k, dim)
         noise = torch.randn(noise_shape, generator=generator, dtype=torch.float32)
-        noise = (noise * (self.init_noise_std / math.sqrt(dim))).to(**like)
-        self.offsets = nn.Parameter(
-            torch.zeros(num_classes, k, dim, **like) if share_looks else noise
-        )
-        self.class_offsets = nn.Parameter(torch.zeros(num_classes, dim, **like)) if share_looks else None
+        noise = (noise * (self.init_noise_std / math.sqrt(dim))).to(device=device, dtype=dtype)
+        zeros = features.new_zeros(num_classes, k, dim)
+        self.offsets = nn.Parameter(zeros if share_looks else noise)
+        self.class_offsets = nn.Parameter(zeros[:, 0].clone()) if share_looks else None
         self.shared_offsets = nn.Parameter(noise) if share_looks else None
         # The number of training images the priors are weighed against; set by
         # `initialize_from_kmeans`, and one image per class until then.
-        self.register_buffer("num_images", torch.tensor(float(num_classes), **like))
+        self.register_buffer("num_images", features.new_tensor(float(num_classes)))
 
     @property
     def num_classes(self) -> int:
@@ -640,6 +639,34 @@ class OffsetMixtureOfPrompts(nn.Module):
         if ids is not None:
             ids = ids.to(self.offsets.device)
         return F.normalize(self._moved(ids, corrections=True), dim=-1)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # `num_images` divides the prior: checked before anything is loaded, so a rejected
+        # state leaves the learner as it was (PyTorch raises the collected messages).
+        saved = state_dict.get(prefix + "num_images")
+        if isinstance(saved, Tensor) and not (
+            saved.is_floating_point()
+            and saved.numel() == 1
+            and bool(torch.isfinite(saved).all())
+            and float(saved) > 0
+        ):
+            error_msgs.append(
+                f"{prefix}num_images must be a floating-point tensor of one finite value > 0 "
+                f"(the number of training images, which divides prior_loss()) but is {saved!r}."
+            )
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def prior_loss(self) -> Tensor:
         r"""The prior that keeps the mixture near its text: a scalar to add to the loss.

@@ -4,7 +4,8 @@ One file per topic: `similarity` (cosines and class logits), `estep` (responsibi
 Sinkhorn), `label_noise` (how far to trust each label), `entropy`, `diversity`, `schedule`,
 `kmeans` and `looks` (data-driven starting points: per-class centroids, or looks shared by all
 classes with a start shrunk toward the text), `usage` (the running usage estimate, a usage
-floor, reviving dead sub-prompts), and the field's regularizers: `anchors` (KgCoOp/PromptSRC), `consistency` (zero-shot distillation), `text_to_text` (LASP) and
+floor, reviving dead sub-prompts), and the field's regularizers: `anchors` (KgCoOp/PromptSRC),
+`consistency` (zero-shot distillation), `text_to_text` (LASP) and
 `dispersion` (DAPT). Shapes use `B` for the batch, `C` for classes, `K` for sub-prompts per class
 and `D` for the embedding dimension; sub-prompt features are `(C, K, D)` everywhere, and
 `(C, D)` is read as `K = 1`. Every function accepts raw (unnormalised) features and normalises

@@ -21,7 +21,15 @@ import math
 import torch
 from torch import Tensor
 
-from promptmix._validation import check_labels, check_rank, check_unit_interval
+from promptmix._validation import (
+    check_labels,
+    check_rank,
+    check_unit_interval,
+    clamp_labels,
+    labels_out_of_range,
+    nan_where,
+    reads_host,
+)
 
 __all__ = ["label_confidence"]
 
@@ -38,7 +46,9 @@ def label_confidence(logits: Tensor, labels: Tensor, *, label_noise: float = 0.1
         label_noise: $\varepsilon$ in `[0, 1)`; 0 trusts every label ($w = 1$).
 
     Returns:
-        `(batch,)` weights in `[0, 1]`, detached; NaN where a row of `logits` holds NaN.
+        `(batch,)` weights in `[0, 1]`, detached; NaN where a row of `logits` holds NaN (with
+        any `label_noise`), and, off the CPU, where a label lies outside `[0, num_classes)`
+        (on the CPU that raises).
 
     Examples:
         >>> logits = torch.tensor([[8.0, 0.0, 0.0], [0.0, 8.0, 0.0]])  # image 1 looks like class 1
@@ -51,8 +61,15 @@ def label_confidence(logits: Tensor, labels: Tensor, *, label_noise: float = 0.1
     batch, num_classes = logits.shape
     labels = check_labels("labels", labels, batch, num_classes)
     noise = check_unit_interval("label_noise", label_noise)
+    # Off the CPU the label range is not read on the host: bad labels make their rows NaN.
+    invalid = None if reads_host(labels) else labels_out_of_range(labels, num_classes)
+    if invalid is not None:
+        labels = clamp_labels(labels, num_classes)
     if noise == 0 or num_classes == 1:
-        return torch.ones(batch, dtype=logits.dtype, device=logits.device)
+        # Every label trusted; a NaN row stays visible all the same.
+        weights = torch.ones(batch, dtype=logits.dtype, device=logits.device)
+        weights = nan_where(torch.isnan(logits.detach()).any(dim=-1), weights)
+        return weights if invalid is None else nan_where(invalid, weights)
     with torch.no_grad():
         log_p = torch.log_softmax(logits.float(), dim=-1)
         own = log_p.gather(1, labels.unsqueeze(1)).squeeze(1)
@@ -60,4 +77,5 @@ def label_confidence(logits: Tensor, labels: Tensor, *, label_noise: float = 0.1
         right = math.log1p(-noise) + own
         wrong = math.log(noise / (num_classes - 1)) + others
         weights = torch.exp(right - torch.logaddexp(right, wrong))
-    return weights.to(logits.dtype)
+    weights = weights.to(logits.dtype)
+    return weights if invalid is None else nan_where(invalid, weights)

@@ -21,7 +21,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from promptmix._validation import check_int, check_labels, check_positive, check_rank
+from promptmix._validation import (
+    check_finite,
+    check_int,
+    check_labels,
+    check_positive,
+    check_rank,
+    labels_out_of_range,
+    nan_where,
+    reads_host,
+)
 from promptmix.functional._common import _unit
 from promptmix.functional.kmeans import _check_points, spherical_kmeans
 
@@ -60,7 +69,9 @@ def shrunk_group_means(
         prior_count: $n_0 \ge 0$ (0: plain means).
 
     Returns:
-        `(num_groups, dim)` in the dtype of `values`.
+        `(num_groups, dim)` in the dtype of `values`. Off the CPU a group outside
+        `[0, num_groups)` is not read on the host: it makes the whole result NaN (on the CPU
+        it raises).
 
     Examples:
         >>> values = torch.tensor([[2.0], [4.0], [6.0]])
@@ -73,10 +84,14 @@ def shrunk_group_means(
     check_int("num_groups", num_groups, minimum=1)
     groups = check_labels("groups", groups, values.shape[0], num_groups)
     prior_count = check_positive("prior_count", prior_count, allow_zero=True)
+    invalid = None if reads_host(groups) else labels_out_of_range(groups, num_groups).any()
+    if invalid is not None:
+        groups = groups.clamp(0, num_groups - 1)
     sums = values.new_zeros(num_groups, values.shape[1]).index_add(0, groups, values)
     counts = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
     counts = counts.index_add(0, groups, torch.ones_like(groups, dtype=values.dtype))
-    return sums / (counts + prior_count).clamp_min(torch.finfo(values.dtype).tiny)[:, None]
+    means = sums / (counts + prior_count).clamp_min(torch.finfo(values.dtype).tiny)[:, None]
+    return means if invalid is None else nan_where(invalid, means)
 
 
 def shared_look_start(
@@ -123,9 +138,10 @@ def shared_look_start(
         `image_features`.
 
     Raises:
-        ValueError: On mismatched shapes, labels out of range, `n_subprompts` above the number
-            of images, or NaN, inf or zero rows in `image_features` (read on the host, as
-            k-means does).
+        TypeError: If `labels` is not an integer tensor, or the features are not floating-point.
+        ValueError: On mismatched shapes, `n_subprompts` above the number of images, or, read
+            on the host on any device (as k-means does): labels out of range, NaN, inf or zero
+            rows in `image_features` or `text_features`, `iterations < 0` or `restarts < 1`.
 
     Examples:
         >>> _ = torch.manual_seed(0)
@@ -136,7 +152,8 @@ def shared_look_start(
         >>> start = shared_look_start(images, labels, text, n_subprompts=2)
         >>> start.shared_offsets.shape, start.subprompt_offsets.shape
         (torch.Size([2, 8]), torch.Size([3, 2, 8]))
-        >>> bool((start.looks == torch.arange(12) % 2).all() or (start.looks == 1 - torch.arange(12) % 2).all())
+        >>> truth = torch.arange(12) % 2
+        >>> bool((start.looks == truth).all() or (start.looks == 1 - truth).all())
         True
     """
     check_rank("image_features", image_features, (2,), "(n, dim)")
@@ -153,9 +170,27 @@ def shared_look_start(
         raise ValueError(
             f"n_subprompts must be <= the number of images ({count}) but is {n_subprompts}."
         )
-    labels = check_labels("labels", labels, count, num_classes)
+    # A set-up function that reads its inputs on the host anyway (the k-means does): every
+    # value check raises, on any device, before anything is computed.
+    labels = check_labels("labels", labels, count, None)
+    if count:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {num_classes - 1}] (one row of text_features per "
+                f"class) but ranges over [{low}, {high}]."
+            )
     _check_points("image_features", image_features)
+    check_finite("text_features", text_features)
+    zero = (text_features.detach() == 0).all(dim=-1)
+    if bool(zero.any()):
+        raise ValueError(
+            "text_features must have no zero rows (each class's start is shrunk toward its text "
+            f"direction) but rows {zero.nonzero().flatten().tolist()[:10]} are zero."
+        )
     prior_count = check_positive("prior_count", prior_count, allow_zero=True)
+    check_int("iterations", iterations, minimum=0)
+    check_int("restarts", restarts, minimum=1)
     work = torch.float64 if image_features.dtype == torch.float64 else torch.float32
     images = _unit(image_features.detach().to(work))
     text = _unit(text_features.detach().to(device=images.device, dtype=work))
