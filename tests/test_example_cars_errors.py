@@ -266,7 +266,7 @@ def test_evaluate_does_no_training_time_work(
     monkeypatch.setattr(train_cars, "encode_images", forbidden)  # the training images' encoding
     status, out, _ = run(capsys, "--evaluate", trained / "checkpoints" / "last.pt", "--output-dir",
                          trained.parent / "evaluated")
-    assert status == train_cars.EXIT_OK and "% test top-1 on the all classes (4)" in out
+    assert status == train_cars.EXIT_OK and "% test top-1 on all classes (4)" in out
     # The prompts score what the run scored at its end (the random-init CLIP drawn as trained).
     final = [r for r in cars_files.read_records(trained / "metrics.jsonl") if r["event"] == "final"]
     assert out.startswith(f"{final[0]['test_accuracy']:.2f}% test top-1")

@@ -291,7 +291,7 @@ def test_demo_compares_three_rows_and_its_checkpoint_can_be_evaluated(
     assert evaluate == ["--evaluate", str(output / "defaults" / "checkpoints" / "last.pt")]
     before = _hashes(output / "defaults")
     status, out, _ = run(capsys, *evaluate)
-    assert status == train_cars.EXIT_OK and "% test top-1 on the all classes (8)" in out
+    assert status == train_cars.EXIT_OK and "% test top-1 on all classes (8)" in out
     assert _hashes(output / "defaults", skip="eval") == before  # the run is untouched
     assert json.loads((output / "defaults" / "eval" / "all" / "eval.json").read_text())
     # The docs' copies: the log without clock times or this machine's folders.

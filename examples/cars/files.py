@@ -250,7 +250,7 @@ def check_classes(checkpoint: dict[str, Any], classnames: list[str], learner: nn
 def evaluation_record(path: Path, checkpoint: dict[str, Any], which: str, num_classes: int,
                       folder: Path, result: dict[str, Any]) -> dict[str, Any]:
     """What ``--evaluate`` found, for ``eval.json`` (and in one line of the log)."""
-    logger.info("prompts of %s on the %s classes (%d): %s", path, which, num_classes,
+    logger.info("prompts of %s on %s classes (%d): %s", path, which, num_classes,
                 result["report"].message)
     return {"checkpoint": str(path), "epoch": checkpoint["epoch"], "classes": which,
             "num_classes": num_classes, "folder": str(folder), "test_accuracy": result["accuracy"],
@@ -514,7 +514,7 @@ def log_epoch(metrics: MetricsLog, epoch: int, epochs: int, step: int, tau: floa
 
 def evaluation_line(numbers: dict[str, Any]) -> str:
     """An evaluation in one line for stdout."""
-    return (f"{numbers['test_accuracy']:.2f}% test top-1 on the {numbers['classes']} classes "
+    return (f"{numbers['test_accuracy']:.2f}% test top-1 on {numbers['classes']} classes "
             f"({numbers['num_classes']}); written to {numbers['folder']}")
 
 
