@@ -32,6 +32,8 @@ import argparse
 import json
 import math
 import multiprocessing
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -462,6 +464,22 @@ def run_job(job: tuple[str, str, int, bool, Training]) -> list[tuple[str, str, s
 # --------------------------------------------------------------------------- main
 
 
+def machine(workers: int, seconds: float) -> dict[str, str]:
+    """Where and with what a run was measured, for the report's last line."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    return {
+        "device": f"CPU ({cpu}, {os.cpu_count()} cores; "
+        f"{workers} worker process(es), 1 thread each)",
+        "versions": f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"open_clip {open_clip.__version__}, promptmix {promptmix.__version__}",
+        "wall": f"{seconds / 60:.1f} min",
+    }
+
+
 def replot(out: Path) -> None:
     """Rewrite results.md and the plots from a finished run's rows.json, without training."""
     import suite_report
@@ -472,7 +490,8 @@ def replot(out: Path) -> None:
         **{k: tuple(v) if isinstance(v, list) else v for k, v in saved["training"].items()}
     )
     paths = suite_report.write(
-        out, rows, saved["worlds"], saved["seeds"], training, saved["command"], WORLDS
+        out, rows, saved["worlds"], saved["seeds"], training, saved["command"], WORLDS,
+        saved.get("machine"),
     )
     print(f"wrote {', '.join(str(p) for p in paths)}")
 
@@ -537,6 +556,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     command = "python benchmarks/suite.py" + ("" if levers else " --no-levers")
     rows.sort(key=lambda row: row[:4])
+    measured = machine(args.workers, time.perf_counter() - start)
     (out / "rows.json").write_text(
         json.dumps(
             {
@@ -544,12 +564,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "worlds": worlds,
                 "seeds": seeds,
                 "training": asdict(training),
+                "machine": measured,
                 "rows": rows,
             },
             indent=1,
         )
     )
-    paths = suite_report.write(out, rows, worlds, seeds, training, command, WORLDS)
+    paths = suite_report.write(out, rows, worlds, seeds, training, command, WORLDS, measured)
     print(f"wrote {', '.join(str(p) for p in paths)}")
     print(f"wall time {time.perf_counter() - start:.1f} s ({args.workers} processes)")
 

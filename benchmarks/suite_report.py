@@ -230,6 +230,7 @@ def write(
     training: object,
     command: str,
     specs: Mapping,
+    machine: Mapping[str, str] | None = None,
 ) -> list[Path]:
     stats = summarise(rows)
     fine = [w for w in worlds if isinstance(specs[w], FineSpec)]
@@ -273,6 +274,11 @@ def write(
     levers = lever_table(stats, worlds)
     if levers:
         lines += ["\n### Levers\n\n", *levers]
+    if machine:
+        lines += [
+            f"\nMeasured by `{command}` on {machine['device']}; {machine['versions']}; "
+            f"wall time {machine['wall']}.\n"
+        ]
     path = out / "results.md"
     path.write_text("".join(lines))
     paths = [path]
