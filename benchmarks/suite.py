@@ -175,35 +175,28 @@ def class_world_names(num_classes: int) -> list[str]:
 
 
 def make_setup(name: str, learner: str, seed: int) -> Setup:
+    """The world `name` drawn from `seed`: its training and test samples, text tower and names."""
     spec = WORLDS[name]
     generator = torch.Generator().manual_seed(seed)
+    world: FineWorld | World
     if isinstance(spec, FineSpec):
         world = FineWorld(spec, seed)
         names = classnames(spec)
         model, _ = pretrained_clip(world, names, seed=seed)
         train = world.sample(spec.shots, generator, corrupt=True)
         test = world.sample(spec.test_per_class, generator, corrupt=False)
-        return Setup(
-            name,
-            spec,
-            learner,
-            seed,
-            Samples(train.features, train.labels, train.looks),
-            Samples(test.features, test.labels, test.looks),
-            world.look_centres(),
-            model,
-            names,
+    else:
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(
+            embed_dim=spec.dim,
+            vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=1, head_width=32),
+            text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=1),
         )
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(
-        embed_dim=spec.dim,
-        vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=1, head_width=32),
-        text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=1),
-    )
-    names = class_world_names(spec.num_classes)
-    text = OffsetMixtureOfPrompts(model, TOKENIZER, names, n_subprompts=1).text_features[:, 0]
-    world = World.draw(spec, text, generator)
-    train, test = world.sample(spec.shots, generator), world.sample(spec.test_per_class, generator)
+        names = class_world_names(spec.num_classes)
+        text = OffsetMixtureOfPrompts(model, TOKENIZER, names, n_subprompts=1).text_features[:, 0]
+        world = World.draw(spec, text, generator)
+        train = world.sample(spec.shots, generator)
+        test = world.sample(spec.test_per_class, generator)
     return Setup(
         name,
         spec,
