@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import open_clip
 import torch
 import torch.nn.functional as F
+from suite_worlds import Samples, split_counts
 from torch import Tensor, nn
 
 from promptmix.text_tower import TextTower
@@ -75,25 +76,6 @@ class FineSpec:
     def frequencies(self) -> tuple[float, ...]:
         total = sum(self.look_frequencies)
         return tuple(f / total for f in self.look_frequencies)
-
-
-@dataclass
-class Samples:
-    """Image features `(n, dim)`, their (possibly corrupted) labels, true looks (-1: outlier)."""
-
-    features: Tensor
-    labels: Tensor
-    looks: Tensor
-
-
-def split_counts(total: int, frequencies: tuple[float, ...]) -> list[int]:
-    """`total` split in proportion to `frequencies` by largest remainder (sums to `total`)."""
-    exact = [total * f for f in frequencies]
-    counts = [math.floor(e) for e in exact]
-    order = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])
-    for i in order[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
 
 
 def classnames(spec: FineSpec) -> list[str]:

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from fine_worlds import FineSpec, FineWorld, classnames, pretrained_clip
 from sklearn.metrics import normalized_mutual_info_score
 from suite_worlds import WORLDS as CLASS_WORLDS
-from suite_worlds import World, WorldSpec
+from suite_worlds import Samples, World, WorldSpec
 from torch import Tensor, nn
 
 import promptmix
@@ -143,15 +143,6 @@ LEVER_WORLDS = ("fine 1 shot", "fine 16 shots", "+10 % flipped labels")
 
 
 @dataclass
-class Samples:
-    """Image features `(n, dim)`, their labels `(n,)` and true looks `(n,)` (-1: outlier)."""
-
-    features: Tensor
-    labels: Tensor
-    looks: Tensor
-
-
-@dataclass
 class Setup:
     """One seed of one world for one learner: the data, the CLIP and the class names."""
 
@@ -202,8 +193,8 @@ def make_setup(name: str, learner: str, seed: int) -> Setup:
         spec,
         learner,
         seed,
-        Samples(train.features, train.labels, train.looks),
-        Samples(test.features, test.labels, test.looks),
+        train,
+        test,
         world.look_centres(),
         model,
         names,

@@ -55,7 +55,7 @@ class WorldSpec:
 
 @dataclass
 class Samples:
-    """Image features `(n, dim)`, their classes `(n,)` and true looks `(n,)`."""
+    """Image features `(n, dim)`, their labels `(n,)` and true looks `(n,)` (-1: outlier)."""
 
     features: Tensor
     labels: Tensor
