@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 # Before anything imports huggingface_hub/open_clip: nothing may try the network in tests.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -13,8 +14,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-# "ci": deterministic (the same examples on every run, so a red CI is reproducible) and with the
-# failing example's blob printed for `@reproduce_failure`. "dev": random, fewer examples.
+# "ci", the default: deterministic (the same examples on every run, so a red run is reproducible)
+# and with the failing example's blob printed for `@reproduce_failure`. "dev"
+# (HYPOTHESIS_PROFILE=dev): random examples, fewer of them, to search for new failures.
 settings.register_profile(
     "ci",
     derandomize=True,
@@ -29,7 +31,7 @@ settings.register_profile(
     max_examples=25,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -60,3 +62,23 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-class Stanford Cars in the devkit layout, 4 training and 2 test images per class."""
+    from cars_fixtures import write_original
+
+    root = tmp_path_factory.mktemp("cars")
+    write_original(root, train_per_class=4, test_per_class=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``train_cars.py`` config in the old spelling that trains one epoch."""
+    from cars_fixtures import old_config
+
+    path = old_config(tmp_path_factory.mktemp("config") / "old.yaml")
+    path.write_text(path.read_text().replace("epochs: 2", "epochs: 1"))
+    return path

@@ -7,7 +7,6 @@ import json
 import math
 import shlex
 import statistics
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,32 +18,12 @@ from cars_fixtures import (
     cars_files,
     cars_grid,
     cars_plots,
-    old_config,
-    one_torch_thread,
     run,
     train_cars,
-    write_original,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cars")
-    write_original(root, train_per_class=4, test_per_class=2)
-    return root
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = old_config(tmp_path_factory.mktemp("config") / "old.yaml")
-    path.write_text(path.read_text().replace("epochs: 2", "epochs: 1"))
-    return path
+# data_root and config: the small dataset and one-epoch config of tests/conftest.py.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _sample(label: int, index: int) -> cars_data.Sample:

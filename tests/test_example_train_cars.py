@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import shlex
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from cars_fixtures import (
     cars_distributed,
     cars_files,
     old_config,
-    one_torch_thread,
     run,
     step_records,
     train_cars,
@@ -26,11 +24,7 @@ from cars_fixtures import (
 
 import promptmix
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
