@@ -27,6 +27,7 @@ __all__ = [
     "check_finite",
     "check_floating",
     "check_int",
+    "check_label_range",
     "check_labels",
     "check_logit_scale",
     "check_positive",
@@ -141,6 +142,20 @@ def check_labels(name: str, labels: object, batch: int, num_classes: int | None)
             upper = "inf)" if num_classes is None else f"{num_classes - 1}]"
             raise ValueError(f"{name} must lie in [0, {upper} but ranges over [{low}, {high}].")
     return tensor.long()
+
+
+def check_label_range(name: str, labels: Tensor, num_classes: int, what: str = "") -> None:
+    """Raise if `labels` leave `[0, num_classes)`, reading them on the host on every device.
+
+    For set-up functions and reports, which read their inputs on the host anyway; `what` says
+    what the classes are, in the message.
+    """
+    if labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"{name} must lie in [0, {num_classes - 1}]{what} but ranges over [{low}, {high}]."
+            )
 
 
 def labels_out_of_range(labels: Tensor, num_classes: int | None) -> Tensor:

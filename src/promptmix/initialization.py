@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from promptmix import functional as PF
-from promptmix._validation import check_int, check_labels, check_positive, check_rank
+from promptmix._validation import (
+    check_int,
+    check_label_range,
+    check_labels,
+    check_positive,
+    check_rank,
+)
 from promptmix.prompts import OffsetMixtureOfPrompts
 
 __all__ = ["initialize_from_kmeans"]
@@ -157,12 +163,7 @@ def initialize_from_kmeans(
             f"shape {tuple(image_features.shape)}."
         )
     # Set-up reads the host anyway (k-means does): the label range is checked on every device.
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"labels must lie in [0, {num_classes - 1}] (the prompts' classes) but ranges over "
-            f"[{low}, {high}]."
-        )
+    check_label_range("labels", labels, num_classes, " (the prompts' classes)")
     if isinstance(prompts, OffsetMixtureOfPrompts) and prompts.share_looks:
         if labels.shape[0] < k:
             raise ValueError(

@@ -10,6 +10,7 @@ from torch import Tensor
 from promptmix._validation import (
     as_subprompts,
     check_int,
+    check_label_range,
     check_labels,
     check_positive,
     check_rank,
@@ -96,12 +97,7 @@ def class_prototypes(image_features: Tensor, labels: Tensor, *, num_classes: int
     check_rank("image_features", image_features, (2,), "(batch, dim)")
     check_int("num_classes", num_classes, minimum=1)
     labels = check_labels("labels", labels, image_features.shape[0], None)
-    if labels.numel():
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"labels must lie in [0, {num_classes - 1}] but ranges over [{low}, {high}]."
-            )
+    check_label_range("labels", labels, num_classes)
     units = _unit(image_features)
     sums = units.new_zeros(num_classes, units.shape[-1]).index_add_(0, labels, units)
     counts = torch.bincount(labels, minlength=num_classes).clamp_min(1)

@@ -7,7 +7,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from promptmix._validation import check_finite, check_int, check_labels, check_rank
+from promptmix._validation import (
+    check_finite,
+    check_int,
+    check_label_range,
+    check_labels,
+    check_rank,
+)
 from promptmix.functional._common import _unit
 
 __all__ = ["KMeansResult", "kmeans_subprompts", "spherical_kmeans"]
@@ -196,12 +202,7 @@ def kmeans_subprompts(
     check_int("num_classes", num_classes, minimum=1)
     check_int("n_subprompts", n_subprompts, minimum=1)
     labels = check_labels("labels", labels, image_features.shape[0], None)
-    if labels.numel():
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"labels must lie in [0, {num_classes - 1}] but ranges over [{low}, {high}]."
-            )
+    check_label_range("labels", labels, num_classes)
     check_int("iterations", iterations, minimum=0)
     check_int("restarts", restarts, minimum=1)
     _check_points("image_features", image_features)

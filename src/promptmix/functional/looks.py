@@ -24,6 +24,7 @@ from torch import Tensor
 from promptmix._validation import (
     check_finite,
     check_int,
+    check_label_range,
     check_labels,
     check_positive,
     check_rank,
@@ -173,13 +174,7 @@ def shared_look_start(
     # A set-up function that reads its inputs on the host anyway (the k-means does): every
     # value check raises, on any device, before anything is computed.
     labels = check_labels("labels", labels, count, None)
-    if count:
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"labels must lie in [0, {num_classes - 1}] (one row of text_features per "
-                f"class) but ranges over [{low}, {high}]."
-            )
+    check_label_range("labels", labels, num_classes, " (one row of text_features per class)")
     _check_points("image_features", image_features)
     check_finite("text_features", text_features)
     zero = (text_features.detach() == 0).all(dim=-1)
