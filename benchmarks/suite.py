@@ -33,7 +33,6 @@ import json
 import math
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from bench_prompts import environment
 from fine_worlds import FineSpec, FineWorld, classnames, pretrained_clip
 from sklearn.metrics import normalized_mutual_info_score
 from suite_worlds import WORLDS as CLASS_WORLDS
@@ -463,16 +463,12 @@ def run_job(job: tuple[str, str, int, bool, Training]) -> list[tuple[str, str, s
 
 def machine(workers: int, seconds: float) -> dict[str, str]:
     """Where and with what a run was measured, for the report's last line."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = [line for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    env = environment(torch.device("cpu"))
     return {
-        "device": f"CPU ({cpu}, {os.cpu_count()} cores; "
+        "device": f"CPU ({str(env['device']).removeprefix('cpu: ')}, {os.cpu_count()} cores; "
         f"{workers} worker process(es), 1 thread each)",
-        "versions": f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"open_clip {open_clip.__version__}, promptmix {promptmix.__version__}",
+        "versions": f"Python {env['python']}, torch {env['torch']}, "
+        f"open_clip {env['open_clip']}, promptmix {promptmix.__version__}",
         "wall": f"{seconds / 60:.1f} min",
     }
 

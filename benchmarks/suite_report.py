@@ -149,6 +149,14 @@ def lever_table(stats: Mapping[tuple[str, str, str], Stats], worlds: Sequence[st
     return lines
 
 
+def save(figure: plt.Figure, path: Path) -> Path:
+    """Write `figure` to `path` without a timestamp or software tag (stable bytes), close it."""
+    figure.tight_layout()
+    figure.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(figure)
+    return path
+
+
 def plot_shots(path: Path, stats: Mapping[tuple[str, str, str], Stats]) -> Path | None:
     """Accuracy against shots in the fine-grained world, one line per contender."""
     shots = [
@@ -181,10 +189,7 @@ def plot_shots(path: Path, stats: Mapping[tuple[str, str, str], Stats]) -> Path 
     axis.set_title("fine-grained world (128 classes, 4 shared looks), mean of 3 seeds")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(figure)
-    return path
+    return save(figure, path)
 
 
 def plot_levers(
@@ -216,10 +221,7 @@ def plot_levers(
     axis.set_xticks(ticks, [f"{t:+d}" if t else "0" for t in ticks])
     axis.grid(axis="x", alpha=0.3)
     axis.legend(fontsize=8, loc="lower left")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(figure)
-    return path
+    return save(figure, path)
 
 
 def write(
